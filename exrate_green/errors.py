@@ -1,0 +1,60 @@
+"""Exceptions, one base per boundary.
+
+Library errors are translated where they enter (``raise ... from e``), so code above a
+boundary catches one family and never a library's own exception type.
+"""
+
+
+class ExrateError(Exception):
+    """Base of every error exrate-green raises on purpose."""
+
+
+class ConfigError(ExrateError):
+    """Settings refused at start (bad URL scheme, unknown provider, negative timeout)."""
+
+
+class ProtocolError(ExrateError):
+    """A message from the upstream that cannot be served.
+
+    ``request_id`` is the message's id when one could be read (the reply goes to it),
+    else ``None`` (the message is logged and skipped).
+    """
+
+    def __init__(self, reason, request_id=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class RateError(ExrateError):
+    """No rate for a request; ``str(e)`` is the human reason sent in the error reply."""
+
+
+class UnsupportedCurrency(RateError):
+    def __init__(self, currency):
+        super().__init__(f"unsupported currency '{currency}'")
+        self.currency = currency
+
+
+class DateOutOfRange(RateError):
+    """The provider has no publication on or before the day asked for."""
+
+
+class RateUnavailable(RateError):
+    """The rate service could not answer; never cached, the next request tries again."""
+
+    def __init__(self, why):
+        super().__init__(f"exchange rate service unavailable: {why}")
+        self.why = why
+
+
+class CacheError(ExrateError):
+    """The disk cache failed (locked, full, read-only, corrupt); callers treat it as a miss."""
+
+
+class ConnectionClosed(ExrateError):
+    """The WebSocket link ended; ``cause`` says why, for the reconnect log line."""
+
+    def __init__(self, cause):
+        super().__init__(cause)
+        self.cause = cause
