@@ -1,0 +1,36 @@
+from gevent import monkey; monkey.patch_all()  # noqa: E702  before ssl/socket/requests load
+
+import os  # noqa: E402
+
+# gevent's monitor thread reports any greenlet that holds the hub longer than this; the
+# autouse fixture below turns such a report into a test failure (a blocked hub is a
+# missed heartbeat in production). Set before the hub is created.
+os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "1")
+os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.2")
+
+import gevent  # noqa: E402
+import gevent.events  # noqa: E402
+import pytest  # noqa: E402
+import zope.event  # noqa: E402
+
+_blocked = []
+
+
+def _on_event(event):
+    if isinstance(event, gevent.events.EventLoopBlocked):
+        _blocked.append(event)
+
+
+zope.event.subscribers.append(_on_event)
+
+
+@pytest.fixture(autouse=True)
+def hub_never_blocked(request):
+    """Fail any test during which the gevent hub was blocked past GEVENT_MAX_BLOCKING_TIME."""
+    gevent.get_hub().start_periodic_monitoring_thread()
+    del _blocked[:]
+    yield
+    if _blocked and not request.node.get_closest_marker("allow_blocking"):
+        first = _blocked[0]
+        pytest.fail(f"gevent hub blocked {len(_blocked)} time(s) for over "
+                    f"{first.blocking_time}s:\n" + "".join(first.info[:40]))
