@@ -1,0 +1,5 @@
+"""Loopback simulators for tests, ``demo`` and ``bench``."""
+
+from .upstream import Upstream
+
+__all__ = ["Upstream"]
