@@ -1,0 +1,134 @@
+"""exchangerate.host (apilayer): more currencies than the ECB (UAH, BTC, ...), needs a key.
+
+``GET {base}/historical?access_key=K&date=YYYY-MM-DD`` (past days) and
+``GET {base}/live?access_key=K`` (today) answer
+``{"success":true,"source":"USD","quotes":{"USDEUR":0.82,"USDGBP":0.71,...}}`` with
+``quotes[SRC + X]`` = units of X per 1 SRC. Free plans cannot choose SRC, so the table's
+convention (units of X per 1 EUR) is a cross rate: ``quotes[SRC + X] / quotes[SRC + EUR]``.
+Errors come back as HTTP 200 with ``{"success":false,"error":{"code":..,"type":..,"info":..}}``
+and ``info`` may repeat the request URL, access key included.
+"""
+
+import datetime
+import time
+from decimal import Context, Decimal, ROUND_HALF_EVEN
+
+from ..errors import DateOutOfRange, RateUnavailable
+from ..redact import redact
+from .http import as_day, is_currency_code, parse_day, to_rate, utc_today
+from .table import FIRST_DAY, RateTable
+
+#: Cross rates are computed in this context, not the thread's (which any code may change):
+#: 28 significant digits, far beyond the 5 decimals a reply keeps.
+CROSS_RATE_CONTEXT = Context(prec=28, rounding=ROUND_HALF_EVEN)
+
+#: longest excerpt of the API's error text kept in a ``why``
+MAX_INFO_CHARS = 200
+
+
+class ExchangerateHostProvider:
+    """Fetches ``RateTable``s from exchangerate.host at ``base_url`` with ``access_key``.
+
+    ``http`` is an ``HttpClient`` (the provider owns it; ``close()`` closes it); ``today``
+    returns the current UTC day (a clock for tests).
+    """
+
+    def __init__(self, http, base_url, access_key, name="exchangerate.host", *,
+                 today=utc_today):
+        if not access_key:
+            raise ValueError("exchangerate.host needs an access key")
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.name = name
+        self._access_key = access_key
+        self._today = today
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.base_url} access_key=***>"
+
+    def needs_cache(self, day):
+        """Always: every answer costs a network call (and the plan's quota)."""
+        return True
+
+    def fetch(self, day):
+        """The table valid on ``day`` (a ``datetime.date``, UTC).
+
+        Raises ``DateOutOfRange`` before 1999-01-04 and ``RateUnavailable`` for any failure
+        of the API or its answer, with the access key masked.
+        """
+        day = as_day(day)
+        if day < FIRST_DAY:
+            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+        if day >= self._today():
+            answer = self.http.get_json(f"{self.base_url}/live",
+                                        {"access_key": self._access_key})
+        else:
+            answer = self.http.get_json(f"{self.base_url}/historical",
+                                        {"access_key": self._access_key,
+                                         "date": day.isoformat()})
+        return self._table(day, answer)
+
+    def close(self):
+        self.http.close()
+
+    def _table(self, day, answer):
+        if not isinstance(answer, dict):
+            raise RateUnavailable("unexpected answer from exchangerate.host: not an object")
+        if answer.get("success") is not True:
+            raise RateUnavailable(self._api_error(answer.get("error")))
+        source, quotes = answer.get("source"), answer.get("quotes")
+        if not is_currency_code(source) or not isinstance(quotes, dict):
+            raise RateUnavailable(
+                "unexpected answer from exchangerate.host: no 'source' and 'quotes'")
+        return RateTable(provider=self.name, day=day, published=_published(answer, day),
+                         rates=cross_rates(source, quotes), fetched_at=time.time())
+
+    def _api_error(self, error):
+        """``why`` from the API's error object, e.g. ``exchangerate.host error 101
+        (invalid_access_key): You have not supplied a valid API Access Key...``."""
+        if not isinstance(error, dict):
+            return "exchangerate.host answered success=false without an error"
+        code, kind = error.get("code", "?"), error.get("type")
+        info = " ".join(str(error.get("info") or "").split())
+        if len(info) > MAX_INFO_CHARS:
+            info = info[:MAX_INFO_CHARS - 3] + "..."
+        why = (f"exchangerate.host error {code}" + (f" ({kind})" if kind else "")
+               + (f": {info}" if info else ""))
+        return redact(why, (self._access_key,))
+
+
+def cross_rates(source, quotes):
+    """Units of each currency per 1 EUR from ``quotes[source + X]`` = units of X per 1 source.
+
+    X per EUR = ``quotes[source+X] / quotes[source+EUR]``; the source itself is
+    ``1 / quotes[source+EUR]``; EUR is exactly 1. Decimal throughout (28 digits). Quotes that
+    are not a three-letter code with a positive number are left out. Raises
+    ``RateUnavailable`` without a usable ``source + "EUR"`` quote.
+    """
+    per_source = {}
+    for pair, value in quotes.items():
+        rate = to_rate(value)
+        if (isinstance(pair, str) and len(pair) == 6 and pair.startswith(source)
+                and is_currency_code(pair[3:]) and rate is not None):
+            per_source[pair[3:]] = rate
+    # A paid plan may quote from EUR itself, where EUR per EUR goes without saying.
+    eur = per_source.get("EUR", Decimal(1) if source == "EUR" else None)
+    if eur is None:
+        raise RateUnavailable(f"exchangerate.host gave no {source}EUR quote to cross through")
+    per_source[source] = Decimal(1)
+    rates = {code: CROSS_RATE_CONTEXT.divide(rate, eur) for code, rate in per_source.items()}
+    rates["EUR"] = Decimal(1)
+    return rates
+
+
+def _published(answer, day):
+    """The answer's ``date`` (historical) or ``timestamp``'s UTC day (live), never after
+    ``day``; ``day`` itself when the answer carries neither."""
+    published = parse_day(answer.get("date"))
+    timestamp = answer.get("timestamp")
+    if published is None and isinstance(timestamp, int) and not isinstance(timestamp, bool):
+        try:
+            published = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).date()
+        except (OverflowError, OSError, ValueError):
+            published = None
+    return min(published or day, day)

@@ -1,0 +1,276 @@
+"""A fake of both rate APIs on ``gevent.pywsgi``, offline, from the bundled ECB history.
+
+Frankfurter lives under ``/v1`` (``/v1/YYYY-MM-DD``, ``/v1/latest``) and exchangerate.host
+at the root (``/historical``, ``/live``), so one server stands in for both::
+
+    with FakeRateApi() as api:
+        settings = Settings(frankfurter_url=api.url + "/v1", exchangerate_host_url=api.url)
+        api.fail_next(1, "500")          # the next request fails, the one after is served
+
+Days after the bundle get the bundle's last publication, so "recent" days work offline.
+exchangerate.host also quotes a few currencies the ECB does not (``EXTRA_RATES``), like the
+real one; Frankfurter, like the real one, does not. A wrong access key is answered the way
+careless real APIs do: the error text repeats the request URL, key included.
+"""
+
+import collections
+import datetime
+import json
+import logging
+import urllib.parse
+import wsgiref.util
+from decimal import Context, Decimal
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIServer
+
+from ..rates.ecb_bundle import EcbBundle
+from ..rates.table import FIRST_DAY
+
+log = logging.getLogger(__name__)
+
+#: Units per 1 EUR of currencies exchangerate.host quotes and the ECB does not; fixed,
+#: near their May 2021 values (the upstream's historical window).
+EXTRA_RATES = {
+    "UAH": Decimal("33.6"),
+    "BTC": Decimal("0.0000245"),   # 1 BTC ~ 40,800 EUR
+    "ZWL": Decimal("393.6"),       # 322 ZWL per USD, the old official peg
+}
+FAULT_MODES = ("500", "429", "hang", "bad_json", "api_error")
+#: how long a "hang" holds its request (``stop()`` ends it sooner)
+HANG_S = 60.0
+#: exchangerate.host's quotes carry about 7 significant digits
+_QUOTES = Context(prec=7)
+
+
+class _Request:
+    """One request to a rate route: which API ``shape``, the ``day`` asked for (a date, or
+    ``None`` if malformed), the query and the full URL (for errors that echo it)."""
+
+    def __init__(self, shape, day, query, url):
+        self.shape, self.day, self.query, self.url = shape, day, query, url
+
+
+class FakeRateApi:
+    """Frankfurter and exchangerate.host on ``host:port`` (port 0: any free one).
+
+    ``latency_s`` delays every answer (changeable while running); ``extra_rates`` adds to
+    or overrides ``EXTRA_RATES`` ({code: units per EUR}); ``access_key`` is the one key
+    exchangerate.host accepts (``None``: any non-empty key). ``calls`` counts requests to
+    rate routes, ``calls_by_day`` counts them by the day asked for (a ``datetime.date``;
+    ``latest``/``live`` count under today's UTC date).
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, *, latency_s=0.0, extra_rates=None,
+                 access_key=None, bundle=None):
+        self.host, self.port = host, port
+        self.latency_s = latency_s
+        self.extra_rates = {**EXTRA_RATES, **(extra_rates or {})}
+        self.access_key = access_key
+        self.calls = 0
+        self.calls_by_day = collections.Counter()
+        self._bundle = bundle or EcbBundle()
+        self._faults = collections.deque()
+        self._stopping = gevent.event.Event()
+        self._server = None
+
+    # --- running ---------------------------------------------------------------------
+
+    @property
+    def url(self):
+        """``http://host:port`` once started; Frankfurter is at ``url + "/v1"``."""
+        if self._server is None:
+            raise RuntimeError("FakeRateApi is not started")
+        return f"http://{self.host}:{self._server.server_port}"
+
+    @property
+    def frankfurter_url(self):
+        return self.url + "/v1"
+
+    @property
+    def exchangerate_host_url(self):
+        return self.url
+
+    def start(self):
+        # Indexing the bundle is ~20 ms of CPU: off the hub, before the first request.
+        gevent.get_hub().threadpool.apply(self._bundle.load)
+        self._stopping.clear()
+        # log=None: an access log would print every access_key to stderr.
+        self._server = WSGIServer((self.host, self.port), self._app, log=None, error_log=log)
+        self._server.start()
+        return self
+
+    def stop(self, timeout=0.5):
+        """Stop serving; hanging and delayed requests end at once, keep-alive ones within
+        ``timeout`` seconds."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.stop(timeout=timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # --- test controls ---------------------------------------------------------------
+
+    def fail_next(self, n, mode):
+        """Fail the next ``n`` requests with ``mode``, after any failures already queued:
+        "500", "429" (Retry-After: 1), "hang" (no answer for ``HANG_S``), "bad_json",
+        "api_error" (exchangerate.host: success false; Frankfurter: HTTP 422)."""
+        if mode not in FAULT_MODES:
+            raise ValueError(f"unknown fault {mode!r}: choose one of {', '.join(FAULT_MODES)}")
+        self._faults.extend([mode] * n)
+
+    def reset(self):
+        """Zero the counters and drop queued failures."""
+        self.calls = 0
+        self.calls_by_day.clear()
+        self._faults.clear()
+
+    # --- the WSGI application ----------------------------------------------------------
+
+    def _app(self, environ, start_response):
+        request = self._route(environ)
+        if request is None:
+            return _json(start_response, "404 Not Found", {"message": "not found"})
+        self._count(request)
+        if self.latency_s > 0:
+            self._stopping.wait(self.latency_s)
+        if self._faults:
+            return self._FAILURES[self._faults.popleft()](self, request, start_response)
+        if request.shape == "frankfurter":
+            return self._frankfurter(request, start_response)
+        return self._exchangerate_host(request, start_response)
+
+    def _route(self, environ):
+        path = environ.get("PATH_INFO", "")
+        query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
+        url = wsgiref.util.request_uri(environ)
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        if path in ("/v1/latest", "/v1/latest/"):
+            return _Request("frankfurter", today, query, url)
+        if path.startswith("/v1/"):
+            return _Request("frankfurter", _day(path[len("/v1/"):].rstrip("/")), query, url)
+        if path == "/live":
+            return _Request("exchangerate.host", today, query, url)
+        if path == "/historical":
+            return _Request("exchangerate.host", _day(query.get("date", "")), query, url)
+        return None
+
+    def _count(self, request):
+        self.calls += 1
+        if request.day is not None:
+            self.calls_by_day[request.day] += 1
+
+    def _frankfurter(self, request, start_response):
+        if request.day is None or request.day < FIRST_DAY:
+            return _json(start_response, "404 Not Found", {"message": "not found"})
+        if request.query.get("base", "EUR") != "EUR":
+            return _json(start_response, "422 Unprocessable Entity",
+                         {"message": "the fake serves base=EUR only"})
+        published, rates = self._rates(request.day)
+        rates.pop("EUR")
+        return _json(start_response, "200 OK", {
+            "amount": Decimal("1.0"), "base": "EUR", "date": published.isoformat(),
+            "rates": dict(sorted(rates.items()))})
+
+    def _exchangerate_host(self, request, start_response):
+        key = request.query.get("access_key")
+        if not key:
+            return _api_error(start_response, 101, "missing_access_key",
+                              "You have not supplied an API Access Key. [Required format: "
+                              "access_key=YOUR_ACCESS_KEY]")
+        if self.access_key is not None and key != self.access_key:
+            return _api_error(start_response, 101, "invalid_access_key",
+                              "You have not supplied a valid API Access Key. "
+                              f"[Technical Support: support@apilayer.com] (request: {request.url})")
+        if request.day is None or request.day < FIRST_DAY:
+            return _api_error(start_response, 302, "invalid_date",
+                              "You have entered an invalid date. [Required format: "
+                              "date=YYYY-MM-DD]")
+        published, rates = self._rates(request.day)
+        rates.update(self.extra_rates)
+        usd = rates["USD"]
+        body = {"success": True, "terms": "https://exchangerate.host/terms",
+                "privacy": "https://exchangerate.host/privacy",
+                "timestamp": _end_of_day(published), "source": "USD",
+                "quotes": {f"USD{code}": _QUOTES.divide(rate, usd)
+                           for code, rate in sorted(rates.items())}}
+        if "date" in request.query:
+            body.update(historical=True, date=request.day.isoformat())
+        return _json(start_response, "200 OK", body)
+
+    def _rates(self, day):
+        """(publication day, {code: units per EUR}) valid on ``day``; after the bundle's
+        end, the bundle's last publication."""
+        table = self._bundle.table(min(day, self._bundle.last_day))
+        return table.published, dict(table.rates)
+
+    # --- one handler per failure mode --------------------------------------------------
+
+    def _fail_500(self, request, start_response):
+        return _json(start_response, "500 Internal Server Error",
+                     {"message": "internal server error"})
+
+    def _fail_429(self, request, start_response):
+        return _json(start_response, "429 Too Many Requests",
+                     {"message": "rate limit exceeded"}, [("Retry-After", "1")])
+
+    def _fail_hang(self, request, start_response):
+        self._stopping.wait(HANG_S)
+        return _json(start_response, "503 Service Unavailable", {"message": "gave up"})
+
+    def _fail_bad_json(self, request, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"amount":1.0,"base":"EUR","rates":{"USD":1.2']
+
+    def _fail_api_error(self, request, start_response):
+        if request.shape == "frankfurter":
+            return _json(start_response, "422 Unprocessable Entity",
+                         {"message": "the fake was told to refuse this request"})
+        return _api_error(start_response, 104, "usage_limit_reached",
+                          "Your monthly usage limit has been reached. Please upgrade your "
+                          "Subscription Plan.")
+
+    _FAILURES = {"500": _fail_500, "429": _fail_429, "hang": _fail_hang,
+                 "bad_json": _fail_bad_json, "api_error": _fail_api_error}
+
+
+def _day(text):
+    try:
+        return datetime.date.fromisoformat(text) if len(text) == 10 else None
+    except ValueError:
+        return None
+
+
+def _end_of_day(day):
+    """The epoch second at which ``day``'s rates were last quoted (23:59:59 UTC)."""
+    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def _api_error(start_response, code, kind, info):
+    # apilayer answers its errors with HTTP 200; only the body says it failed.
+    return _json(start_response, "200 OK",
+                 {"success": False, "error": {"code": code, "type": kind, "info": info}})
+
+
+def _json(start_response, status, body, headers=()):
+    data = _dumps(body).encode("utf-8")
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(data))), *headers])
+    return [data]
+
+
+def _dumps(value):
+    """JSON text with ``Decimal``s written as the exact numbers they hold (json cannot)."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_dumps(v) for v in value) + "]"
+    return json.dumps(value)
