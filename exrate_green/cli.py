@@ -1,0 +1,179 @@
+"""exrate-service: answers currency-assignment's stakes in EUR over one WebSocket.
+
+Usage:
+  exrate-service [options]
+  exrate-service demo [--duration=SECONDS] [--rate=RPS] [options]
+  exrate-service cache (list | show DAY | stats | clear) [--json] [options]
+  exrate-service convert AMOUNT CURRENCY [DATE] [options]
+  exrate-service -h | --help
+  exrate-service --version
+
+Commands:
+  (none)      Run the service: connect to EXRATE_URL and answer until SIGTERM/SIGINT.
+  demo        Run the bundled upstream simulator and a fake rate API on loopback, and the
+              service against them, offline; print a summary at the end.
+  cache       Inspect the on-disk rate cache: list, show DAY (YYYY-MM-DD), stats, clear.
+  convert     One conversion through the service's code path, e.g. convert 253.67 USD 2021-05-18.
+
+Options:
+  --show-messages     Log every request and reply as compact JSON [env: EXRATE_SHOW_MESSAGES=1].
+  --url=URL           Upstream WebSocket URL, ws:// or wss:// [env: EXRATE_URL].
+  --provider=NAME     ecb, frankfurter or exchangerate.host [env: EXRATE_PROVIDER].
+  --cache-dir=DIR     Rate cache directory [env: EXRATE_CACHE_DIR].
+  --log-level=LEVEL   DEBUG, INFO, WARNING or ERROR [env: LOG_LEVEL].
+  --duration=SECONDS  demo: stop after this many seconds (default: run until Ctrl-C).
+  --rate=RPS          demo: requests per second sent by the simulator [default: 20].
+  --json              cache: machine-readable JSON output.
+  -h --help           Show this help.
+  --version           Show the version.
+
+Exit codes: 0 done, 1 failed, 2 bad usage or configuration.
+"""
+
+import datetime
+import logging
+import os
+import signal
+import sys
+from decimal import Decimal, InvalidOperation
+
+from docopt import DocoptExit, docopt
+
+from . import __version__, protocol
+from .config import Settings
+from .errors import ConfigError, ProtocolError, RateError
+from .redact import RedactingFormatter
+
+log = logging.getLogger("exrate_green")
+
+
+def main(argv=None):
+    """The command line; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = docopt(__doc__, argv, version=f"exrate-service {__version__}")
+    except DocoptExit as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help and --version print, then "exit"
+        return e.code or 0
+    try:
+        settings = Settings.load(
+            url=args["--url"], provider=args["--provider"] and args["--provider"].lower(),
+            cache_dir=args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
+            log_level=args["--log-level"] and args["--log-level"].upper(),
+            show_messages=True if args["--show-messages"] else None)
+    except ConfigError as e:
+        print(f"exrate-service: configuration error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    if args["cache"]:
+        from .cache import run_cache_command
+        action = next(a for a in ("list", "show", "stats", "clear") if args[a])
+        return run_cache_command(settings, action, day=args["DAY"], as_json=args["--json"])
+    if args["convert"]:
+        return convert(settings, args["AMOUNT"], args["CURRENCY"], args["DATE"])
+    if args["demo"]:
+        from .demo import run_demo
+        try:
+            duration_s = float(args["--duration"]) if args["--duration"] else None
+            rate = float(args["--rate"])
+        except ValueError:
+            print("exrate-service: --duration and --rate take numbers", file=sys.stderr)
+            return 2
+        return run_demo(settings, duration_s=duration_s, rate=rate)
+    return run(settings)
+
+
+def setup_logging(settings):
+    """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(RedactingFormatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        secrets=[settings.access_key] if settings.access_key else []))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    messages = logging.getLogger("exrate_green.messages")
+    messages.setLevel(logging.INFO if settings.show_messages else logging.WARNING)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # platforms read logs through a pipe
+
+
+class Runtime:
+    """The rate machinery a command needs, closed in reverse order of opening."""
+
+    def __init__(self, settings):
+        from .cache import TableCache
+        from .rates.book import RateBook
+        from .rates.http import HttpClient
+        from .rates.providers import make_provider
+
+        self.settings = settings
+        self.http = HttpClient(settings)
+        self.provider = make_provider(settings, self.http)
+        self.cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
+        self.cache.open()
+        self.book = RateBook(self.provider, self.cache, ttl_s=settings.cache_ttl_s,
+                             wait_s=settings.http_timeout_s + 2)
+
+    def close(self):
+        self.book.close()
+        self.cache.close()
+        self.provider.close()
+        self.http.close()
+
+
+def run(settings):
+    """Run the service until SIGTERM/SIGINT; a second signal exits at once."""
+    import gevent
+
+    from .service import Service
+
+    runtime = Runtime(settings)
+    service = Service(settings, runtime.book)
+
+    def on_signal(signum):
+        if service.stopping:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        gevent.spawn(service.stop)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, on_signal, signum)
+    log.info("exrate-service %s: provider %s, upstream %s, cache %s",
+             __version__, settings.provider, settings.url, settings.cache_dir)
+    try:
+        return service.run()
+    finally:
+        log.info("summary: %s", service.summary_line())
+        runtime.close()
+        log.info("stopped")
+
+
+def convert(settings, amount, currency, date):
+    """Print one conversion computed exactly as the service computes a reply."""
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    try:
+        stake = protocol.read_stake(Decimal(amount))
+        code = protocol.read_currency(currency)
+        day = protocol.read_day(date or today.isoformat(), today)
+    except (ProtocolError, InvalidOperation) as e:
+        reason = getattr(e, "reason", None) or f"invalid amount {amount!r}"
+        print(f"exrate-service: {reason}", file=sys.stderr)
+        return 2
+    runtime = Runtime(settings)
+    try:
+        table = runtime.book.get(day)
+        rate = table.rate(code)
+        stake_eur = protocol.convert(stake, rate)
+    except (RateError, ProtocolError) as e:
+        print(f"exrate-service: {getattr(e, 'reason', None) or e}", file=sys.stderr)
+        return 1
+    finally:
+        runtime.close()
+    print(f"{stake} {code} = {stake_eur} EUR on {day.isoformat()} "
+          f"(rate {rate} {code}/EUR, {table.provider} publication of {table.published.isoformat()})")
+    return 0
+

@@ -1,0 +1,78 @@
+"""``exrate-service demo``: the whole job on loopback, offline, with a summary at the end.
+
+The bundled currency-assignment simulator plays the upstream and a fake rate API plays
+Frankfurter and exchangerate.host (from the bundled ECB data), so every provider's code
+path runs with no network. The service runs in this process exactly as in production.
+"""
+
+import logging
+import shutil
+import signal
+import tempfile
+
+import gevent
+from gevent.event import Event
+
+from .service import Service
+
+log = logging.getLogger("exrate_green.demo")
+
+
+def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
+    """Run until ``duration_s`` seconds pass or SIGINT/SIGTERM; 0 if every reply was right."""
+    from .cli import Runtime
+    from .simulator import FakeRateApi, Upstream
+
+    cache_dir = tempfile.mkdtemp(prefix="exrate-demo-")  # the demo never touches a real cache
+    done = Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, done.set)
+    try:
+        with FakeRateApi() as rate_api, Upstream(request_rate=rate) as upstream:
+            demo_settings = settings.replace(
+                url=upstream.url, cache_dir=cache_dir,
+                frankfurter_url=rate_api.url + "/v1", exchangerate_host_url=rate_api.url,
+                access_key=settings.access_key or "demo-key",
+                summary_interval_s=min(settings.summary_interval_s, 10.0))
+            log.info("demo: upstream simulator at %s, fake rate API at %s, provider %s, "
+                     "%g requests/s%s", upstream.url, rate_api.url, demo_settings.provider, rate,
+                     f", {duration_s:g} s" if duration_s else ", Ctrl-C to stop")
+            runtime = Runtime(demo_settings)
+            service = Service(demo_settings, runtime.book)
+            runner = gevent.spawn(service.run)
+            try:
+                done.wait(duration_s)
+                service.stop()
+                runner.join(timeout=demo_settings.shutdown_grace_s + 5)
+            finally:
+                runner.kill(timeout=1)
+                runtime.close()
+            report = upstream.report()
+            out(format_summary(report, service, rate_api, demo_settings))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return 0 if not report["invalid"] and not report["unanswered"] else 1
+
+
+def format_summary(report, service, rate_api, settings):
+    stats = service.stats
+    lines = [
+        "",
+        f"demo summary (provider {settings.provider}):",
+        f"  requests sent         {report['requests']}",
+        f"  replies               {report['replies']} ({report['error_replies']} error replies)",
+        f"  unanswered            {report['unanswered']}",
+        f"  invalid replies       {report['invalid']}",
+        f"  latency p50/p99/max   {report['latency_p50_ms']:.2f} / "
+        f"{report['latency_p99_ms']:.2f} / {report['latency_max_ms']:.2f} ms",
+        f"  client heartbeats     {report['client_heartbeats']} "
+        f"(max gap {report['client_heartbeat_max_gap_s']:.3f} s)",
+        f"  connections           {report['connections']}",
+        f"  rate API calls        {rate_api.calls}",
+        f"  service counters      requests={stats.requests} replies={stats.replies} "
+        f"errors={stats.errors} redelivered={stats.redelivered} dropped={stats.dropped}",
+    ]
+    for problem in report.get("problems", [])[:5]:
+        lines.append(f"  problem: {problem}")
+    return "\n".join(lines)
+
