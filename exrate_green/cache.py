@@ -1,0 +1,576 @@
+"""Rate tables on disk: diskcache underneath, JSON text on top, one thread touching it.
+
+Why the shape:
+
+* Values are ``RateTable.to_json()`` text and keys are ``"{provider}/{YYYY-MM-DD}"``
+  strings. ``JsonDisk`` refuses to store anything else and refuses to decode a pickled
+  key or value that something else wrote into the directory, so nobody who can write the
+  cache can run code through it.
+* SQLite never yields to the gevent hub, its lock waits block the whole process, and with
+  a monkey-patched ``threading.local`` diskcache opens one connection per greenlet. So
+  every disk access runs in ONE native thread (``ThreadPool(1)`` owned by the cache):
+  one connection, three file descriptors (db, -wal, -shm), whatever the number of callers.
+* A cache failure (locked, full, read-only, corrupt, malformed row) is a miss with a
+  warning, never an exception out of ``get``/``put``: the rate provider is the source of
+  truth, the cache only saves calls to it.
+
+The in-memory front for hot tables lives in the rate book (``rates/book.py``); this module
+is the disk layer under it. ``run_cache_command`` serves ``exrate-service cache ...``.
+"""
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import diskcache
+import gevent
+import gevent.monkey
+from gevent.threadpool import ThreadPool
+
+from .errors import CacheError
+from .rates.table import RateTable
+
+log = logging.getLogger("exrate_green.cache")
+
+#: SQLite errors that mean the file is not a usable database (moved aside at start-up)
+_CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+#: everything the disk layer may raise that means "the cache failed", not "a bug"
+_DISK_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
+#: the disk thread is a native thread: a patched time.sleep there would start a second hub
+_native_sleep = gevent.monkey.get_original("time", "sleep")
+
+
+class UnsafeRow(ValueError):
+    """A row that is not JSON text (a pickle, bytes, a number); it is never decoded."""
+
+
+class JsonDisk(diskcache.Disk):
+    """``diskcache.Disk`` for string keys and string values only; never calls pickle.
+
+    diskcache pickles any key or value that is not str/bytes/int/float and unpickles
+    whatever a row says is a pickle. Here storing such a thing is a ``TypeError`` and
+    reading one is ``UnsafeRow``, so a row planted by another writer is refused unread.
+    """
+
+    def put(self, key):
+        if type(key) is not str:
+            raise TypeError(f"cache keys are strings, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key, raw):
+        if not raw:
+            raise UnsafeRow("pickled key refused")
+        return super().get(key, raw)
+
+    def store(self, value, read, key=diskcache.UNKNOWN):
+        if type(value) is not str or read:
+            raise TypeError(f"cache values are JSON text, not {type(value).__name__}")
+        return super().store(value, read, key)
+
+    def fetch(self, mode, filename, value, read):
+        # MODE_RAW holds short text in the row, MODE_TEXT long text in a file beside it;
+        # both are read as text. Pickles and bytes are refused without being read.
+        if mode == diskcache.core.MODE_RAW and type(value) is str:
+            return value
+        if mode == diskcache.core.MODE_TEXT and not read:
+            return super().fetch(mode, filename, value, read)
+        raise UnsafeRow(f"row stored in mode {mode} refused: only JSON text is read")
+
+
+class _JsonCache(diskcache.Cache):
+    """``diskcache.Cache`` over ``JsonDisk`` whose lock waits are bounded.
+
+    diskcache retries "database is locked" for 60 s in ``__init__`` and ``reset`` (outside
+    transactions, where its ``timeout`` does not apply). A cache is not worth a minute of
+    start-up: this gives up after ``lock_wait_s`` seconds and the caller treats it as a
+    failure. (Overrides the private ``_sql_retry`` of diskcache 5.6.)
+    """
+
+    def __init__(self, directory, timeout, lock_wait_s, **settings):
+        self._lock_wait_s = lock_wait_s
+        try:
+            super().__init__(directory, timeout=timeout, disk=JsonDisk, **settings)
+        except BaseException:
+            # A half-built instance still holds its SQLite connection: close it now, so
+            # the corrupt file can be moved aside and no descriptor leaks.
+            if hasattr(self, "_local"):
+                self.close()
+            raise
+
+    @property
+    def _sql_retry(self):
+        sql = self._sql
+        deadline = time.monotonic() + self._lock_wait_s
+
+        def execute(statement, *args, **kwargs):
+            while True:
+                try:
+                    return sql(statement, *args, **kwargs)
+                except sqlite3.OperationalError as e:
+                    if str(e) != "database is locked" or time.monotonic() > deadline:
+                        raise
+                    _native_sleep(0.01)
+
+        return execute
+
+
+def table_key(provider, day):
+    """The cache key of one provider's table for one day: ``"ecb/2021-05-18"``."""
+    return f"{provider}/{day.isoformat()}"
+
+
+class TableCache:
+    """Rate tables on disk (diskcache), JSON text only, expiring ttl_s after they were fetched.
+
+    ``directory``: the cache directory (created by ``open``). ``ttl_s``: seconds a table
+    stays valid after its ``fetched_at``. ``timeout_s``: SQLite's wait for a lock held by
+    another process, in seconds, per statement; short, so a locked cache degrades to misses
+    quickly. ``wait_s``: the longest a ``get``/``put`` caller waits for the disk thread
+    (queueing behind other callers included), in seconds.
+
+    ``get`` and ``put`` are called from greenlets and never block the hub; the inspection
+    methods (``entries``, ``tables_for``, ``stats``, ``clear``) may block and raise
+    ``CacheError``: they are for the CLI, never for the service's hot path.
+
+    ``hits``, ``misses`` and ``errors`` count this process's ``get`` calls (an error is
+    also a miss); ``stats()`` reports diskcache's persistent counters across processes.
+    """
+
+    def __init__(self, directory, ttl_s, *, timeout_s=1.0, wait_s=5.0):
+        self.directory = Path(directory).expanduser().absolute()
+        self.ttl_s = float(ttl_s)
+        self.timeout_s = float(timeout_s)
+        self.wait_s = float(wait_s)
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self._pool = None
+        self._cache = None  # touched only in the pool's thread
+        self._enabled = False
+        # After a lock timeout the disk is skipped until then (monotonic seconds): every
+        # caller queued behind the one thread would otherwise wait out the same lock.
+        self._skip_until = 0.0
+
+    @property
+    def enabled(self):
+        """True once ``open`` succeeded and until ``close``; else every get is a miss."""
+        return self._enabled
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def open(self):
+        """Open (creating the directory) in the disk thread; never raises for disk trouble.
+
+        A corrupt database is moved aside to ``<directory>.corrupt-<UTC timestamp>`` with
+        a warning and a new one is created. If the cache still cannot be opened (read-only,
+        full, locked longer than ``3 * timeout_s``) a warning is logged and the cache runs
+        disabled: every get is a miss, every put a no-op.
+        """
+        if self._enabled:
+            return
+        if self._pool is None:
+            self._pool = ThreadPool(1)
+        self._enabled = self._pool.spawn(self._open).get()
+
+    def close(self):
+        """Close the database connection and stop the disk thread. Idempotent."""
+        self._enabled = False
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            with gevent.Timeout(self.wait_s, CacheError("disk thread busy at close")):
+                pool.spawn(self._close).get()
+        except (CacheError, *_DISK_ERRORS) as e:
+            log.warning("closing the cache at %s: %s", self.directory, e)
+        pool.kill()
+
+    # -- the service's path: greenlets, never an exception -------------------------------
+
+    def get(self, provider, day):
+        """The cached table of ``provider`` for ``day`` (a ``datetime.date``), or ``None``.
+
+        ``None`` for a miss, an expired table, or any cache failure (logged, counted in
+        ``errors``; a malformed row is deleted).
+        """
+        table = self._call("read", self._read, table_key(provider, day))
+        if table is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return table
+
+    def put(self, table):
+        """Store ``table``, expiring ``ttl_s`` seconds after ``table.fetched_at``.
+
+        Returns True when written; False when the table is already expired, the cache is
+        disabled, or the write failed (logged, counted in ``errors``).
+        """
+        return bool(self._call("write", self._write, table))
+
+    def _call(self, what, fn, *args):
+        """``fn(*args)`` in the disk thread, waiting at most ``wait_s``; None on failure."""
+        if not self._enabled:
+            return None
+        try:
+            timeout = CacheError(f"no answer from the disk thread within {self.wait_s:g}s")
+            with gevent.Timeout(self.wait_s, timeout):
+                return self._pool.spawn(fn, *args).get()
+        except CacheError as e:
+            self.errors += 1
+            log.warning("cache %s failed, treated as a miss: %s", what, e)
+            return None
+
+    # -- inspection, for the CLI: may block, raises CacheError ----------------------------
+
+    def entries(self):
+        """One dict per live table: provider, day, published (ISO dates), currencies (count),
+        fetched_at (epoch seconds), expires_in_s (seconds, None if it never expires)."""
+        return self._inspect(self._entries)
+
+    def tables_for(self, day):
+        """Every live cached table for ``day``, one per provider, sorted by provider."""
+        return self._inspect(self._tables_for, day)
+
+    def stats(self):
+        """directory, entries (live tables), bytes (disk volume), hits and misses (diskcache's
+        persistent counters, shared by every process using the directory)."""
+        return self._inspect(self._stats)
+
+    def clear(self):
+        """Remove every table; returns how many rows were removed."""
+        return self._inspect(self._clear)
+
+    def _inspect(self, fn, *args):
+        if not self._enabled:
+            raise CacheError(f"the cache at {self.directory} is not available")
+        return self._pool.spawn(fn, *args).get()
+
+    # -- below: run in the disk thread only ----------------------------------------------
+
+    def _open(self):
+        try:
+            self._cache = self._connect()
+        except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorname", None) not in _CORRUPT:
+                return self._disable(e)
+            try:
+                moved = self._move_aside()
+                log.warning("cache database in %s is corrupt (%s): moved aside to %s, "
+                            "starting an empty one", self.directory, e, moved)
+                self._cache = self._connect()
+            except _DISK_ERRORS as e2:
+                return self._disable(e2)
+        except _DISK_ERRORS as e:
+            return self._disable(e)
+        return True
+
+    def _connect(self):
+        return _JsonCache(self.directory, timeout=self.timeout_s,
+                          lock_wait_s=3 * self.timeout_s, statistics=1)
+
+    def _move_aside(self):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}-{n}")
+        os.rename(self.directory, target)
+        return target
+
+    def _disable(self, e):
+        log.warning("cache at %s cannot be opened, running without it "
+                    "(every lookup is a miss): %s", self.directory, e)
+        self._cache = None
+        return False
+
+    def _close(self):
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def _read(self, key):
+        self._check_not_skipping()
+        try:
+            text = self._cache.get(key)
+        except ValueError as e:  # UnsafeRow, or a text file that is not UTF-8
+            self._discard(key)
+            raise CacheError(f"row {key!r} refused and deleted: {e}") from e
+        except _DISK_ERRORS as e:
+            raise self._failure(f"cannot read {key!r}", e) from e
+        return None if text is None else self._parse(key, text)
+
+    def _parse(self, key, text):
+        try:
+            table = RateTable.from_json(text)
+        except ValueError as e:
+            self._discard(key)
+            raise CacheError(f"row {key!r} is not a rate table, deleted: {e}") from e
+        if table_key(table.provider, table.day) != key:
+            self._discard(key)
+            raise CacheError(f"row {key!r} holds the table of "
+                             f"{table_key(table.provider, table.day)!r}, deleted")
+        if table.fetched_at + self.ttl_s <= time.time():
+            return None  # written by a process with a longer ttl; too old for ours
+        return table
+
+    def _write(self, table):
+        expire_s = table.fetched_at + self.ttl_s - time.time()
+        if expire_s <= 0:
+            return False
+        self._check_not_skipping()
+        key = table_key(table.provider, table.day)
+        try:
+            return self._cache.set(key, table.to_json(), expire=expire_s)
+        except _DISK_ERRORS as e:
+            raise self._failure(f"cannot write {key!r}", e) from e
+
+    def _discard(self, key):
+        try:
+            self._cache.delete(key)
+        except _DISK_ERRORS as e:
+            log.warning("could not delete the bad row %r: %s", key, e)
+
+    def _check_not_skipping(self):
+        if self._cache is None:
+            raise CacheError("the cache is closed")
+        if time.monotonic() < self._skip_until:
+            raise CacheError("skipped: the cache was locked by another process a moment ago")
+
+    def _failure(self, what, e):
+        if isinstance(e, diskcache.Timeout) or "locked" in str(e):
+            self._skip_until = time.monotonic() + 2 * self.timeout_s
+            return CacheError(f"{what}: locked by another process for over "
+                              f"{self.timeout_s:g}s")
+        return CacheError(f"{what}: {e!r}")
+
+    def _entries(self):
+        now = time.time()
+        return [{
+            "provider": table.provider,
+            "day": table.day.isoformat(),
+            "published": table.published.isoformat(),
+            "currencies": len(table.rates),
+            "fetched_at": table.fetched_at,
+            "expires_in_s": None if expire_time is None else expire_time - now,
+        } for table, expire_time in self._live_tables(lambda key: True)]
+
+    def _tables_for(self, day):
+        suffix = "/" + day.isoformat()
+        tables = [t for t, _ in self._live_tables(lambda key: key.endswith(suffix))]
+        return sorted(tables, key=lambda t: t.provider)
+
+    def _stats(self):
+        try:
+            self._cache.expire()  # so that "entries" counts live tables only
+            hits, misses = self._cache.stats(enable=True)
+            return {"directory": str(self.directory), "entries": len(self._cache),
+                    "bytes": self._cache.volume(), "hits": hits, "misses": misses}
+        except _DISK_ERRORS as e:
+            raise CacheError(f"cannot read cache statistics: {e!r}") from e
+
+    def _clear(self):
+        try:
+            return self._cache.clear()
+        except _DISK_ERRORS as e:
+            raise CacheError(f"cannot clear the cache: {e!r}") from e
+
+    def _live_tables(self, wanted):
+        """(table, expire_time) for every unexpired, well-formed row whose key is wanted."""
+        found = []
+        with self._quiet_statistics():
+            try:
+                for key in self._text_keys():
+                    if not wanted(key):
+                        continue
+                    value, expire_time = self._cache.get(key, expire_time=True)
+                    table = self._inspectable(key, value)
+                    if table is not None:
+                        found.append((table, expire_time))
+            except _DISK_ERRORS as e:
+                raise CacheError(f"cannot list the cache: {e!r}") from e
+        return found
+
+    def _inspectable(self, key, value):
+        if value is None:
+            return None  # expired or removed meanwhile
+        try:
+            return self._parse(key, value)
+        except CacheError as e:
+            log.warning("%s", e)
+            return None
+
+    def _text_keys(self):
+        # SQLite sorts TEXT before BLOB, so iterkeys() yields every string key before any
+        # pickled (BLOB) key, where JsonDisk refuses and the listing stops.
+        keys = []
+        try:
+            for key in self._cache.iterkeys():
+                if type(key) is str:
+                    keys.append(key)
+        except UnsafeRow:
+            log.warning("the cache holds rows with pickled keys, not written by "
+                        "exrate-green: ignored (`cache clear` removes them)")
+        return keys
+
+    @contextlib.contextmanager
+    def _quiet_statistics(self):
+        # Listing reads every row; it must not count as hits in the shared statistics.
+        # update=False changes this connection's setting only, not the Settings table.
+        self._cache.reset("statistics", 0, update=False)
+        try:
+            yield
+        finally:
+            self._cache.reset("statistics", 1, update=False)
+
+
+# -- the CLI: exrate-service cache (list | show DAY | stats | clear) [--json] -------------
+
+ACTIONS = ("list", "show", "stats", "clear")
+
+
+def run_cache_command(settings, action, day=None, as_json=False, out=None):
+    """Run ``exrate-service cache ACTION``; returns the exit code.
+
+    ``out`` defaults to ``sys.stdout`` (looked up at call time). 0 on success, 2 for a bad
+    action or DAY (one line on stderr), 1 if the cache cannot be read.
+    """
+    out = sys.stdout if out is None else out
+    if action not in ACTIONS:
+        return _usage_error(f"unknown cache action {action!r}: choose one of "
+                            f"{', '.join(ACTIONS)}")
+    if action == "show":
+        try:
+            day = _parse_day(day)
+        except ValueError as e:
+            return _usage_error(str(e))
+    cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
+    cache.open()
+    try:
+        result = _ACTIONS[action](cache, day)
+    except CacheError as e:
+        print(f"exrate-service cache {action}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cache.close()
+    if as_json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        _FORMATS[action](result, day, out)
+    return 0
+
+
+def _usage_error(message):
+    print(f"exrate-service cache: {message}", file=sys.stderr)
+    return 2
+
+
+def _parse_day(day):
+    if isinstance(day, datetime.date):
+        return day
+    try:
+        return datetime.date.fromisoformat(day or "")
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid day {day!r}: expected YYYY-MM-DD") from None
+
+
+def _cli_list(cache, day):
+    rows = sorted(cache.entries(), key=lambda e: (e["day"], e["provider"]))
+    for row in rows:
+        row["fetched_at"] = _utc_iso(row["fetched_at"])
+        if row["expires_in_s"] is not None:
+            row["expires_in_s"] = round(row["expires_in_s"], 1)
+    return rows
+
+
+def _cli_show(cache, day):
+    return [{"provider": t.provider, "day": t.day.isoformat(),
+             "published": t.published.isoformat(), "fetched_at": _utc_iso(t.fetched_at),
+             "rates": {code: str(rate) for code, rate in sorted(t.rates.items())}}
+            for t in cache.tables_for(day)]
+
+
+def _cli_stats(cache, day):
+    return cache.stats()
+
+
+def _cli_clear(cache, day):
+    return {"removed": cache.clear()}
+
+
+_ACTIONS = {"list": _cli_list, "show": _cli_show, "stats": _cli_stats, "clear": _cli_clear}
+
+
+def _format_list(rows, day, out):
+    if not rows:
+        print("no cached tables", file=out)
+        return
+    headers = ("PROVIDER", "DAY", "PUBLISHED", "CURRENCIES", "FETCHED AT (UTC)", "EXPIRES IN")
+    body = [(r["provider"], r["day"], r["published"], str(r["currencies"]), r["fetched_at"],
+             _duration(r["expires_in_s"])) for r in rows]
+    _print_table(headers, body, out, right={3})
+
+
+def _format_show(tables, day, out):
+    if not tables:
+        print(f"no cached tables for {day.isoformat()}", file=out)
+        return
+    for n, table in enumerate(tables):
+        if n:
+            print(file=out)
+        print(f"{table['provider']} {table['day']} (published {table['published']}, "
+              f"{len(table['rates'])} currencies per 1 EUR, fetched {table['fetched_at']})",
+              file=out)
+        _print_table(None, list(table["rates"].items()), out)
+
+
+def _format_stats(stats, day, out):
+    _print_table(None, [(name, str(value)) for name, value in stats.items()], out)
+
+
+def _format_clear(result, day, out):
+    removed = result["removed"]
+    print(f"removed {removed} cached table{'' if removed == 1 else 's'}", file=out)
+
+
+_FORMATS = {"list": _format_list, "show": _format_show, "stats": _format_stats,
+            "clear": _format_clear}
+
+
+def _print_table(headers, rows, out, right=()):
+    """Columns padded to their widest cell, two spaces apart; ``right`` aligns numbers."""
+    lines = ([headers] if headers else []) + [tuple(row) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+def _utc_iso(epoch_s):
+    moment = datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(seconds):
+    """``"1h 59m"``, ``"4m 10s"``, ``"42s"``; "never" for no expiry, "expired" at zero.
+
+    Rounded to the unit shown last, so 7139.6 s is "1h 59m", not "1h 58m".
+    """
+    if seconds is None:
+        return "never"
+    whole = round(seconds)
+    if whole <= 0:
+        return "expired"
+    if whole >= 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours}h {minutes}m"
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
