@@ -349,6 +349,7 @@ class Upstream:
         self.connections = 0            # accepted so far (WebSocket upgrades)
         self.max_connected = 0
         self._paused = False
+        self._refusing = False
         self._started_at = None
         self._changed = gevent.event.Event()
         self._waiting = 0
@@ -369,11 +370,7 @@ class Upstream:
     def start(self):
         if self._server is not None:
             raise RuntimeError("Upstream already started")
-        kwargs = {"ssl_context": self.ssl_context} if self.ssl_context is not None else {}
-        self._server = WebSocketServer((self.host, self.port), self._app, spawn=self._pool,
-                                       log=None, error_log=log, **kwargs)
-        self._server.start()
-        self.port = self._server.server_port
+        self._listen()
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:
             host = f"[{host}]"
@@ -381,6 +378,26 @@ class Upstream:
         self._started_at = time.monotonic()
         log.debug("upstream simulator listening on %s", self.url)
         return self
+
+    def _listen(self):
+        kwargs = {"ssl_context": self.ssl_context} if self.ssl_context is not None else {}
+        self._server = WebSocketServer((self.host, self.port), self._app, spawn=self._pool,
+                                       log=None, error_log=log, **kwargs)
+        self._server.start()
+        self.port = self._server.server_port
+
+    def refuse_connections(self):
+        """Go down: close the listening socket, so connecting fails with ECONNREFUSED.
+        Connections already open live on (``drop()`` ends them)."""
+        if self._server is not None and not self._refusing:
+            self._refusing = True
+            self._server.close()
+
+    def accept_connections(self):
+        """Come back up on the same port after ``refuse_connections()``."""
+        if self._refusing:
+            self._refusing = False
+            self._listen()
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection with 1001, wait for them (at most timeout)."""

@@ -1,0 +1,72 @@
+"""Helpers shared by the tests: the service in-process, and as a real subprocess."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+
+from exrate_green.cli import Runtime
+from exrate_green.config import Settings
+from exrate_green.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin" / "exrate-service"
+
+FAST_BEATS = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.5}
+
+
+@contextlib.contextmanager
+def running_service(url, cache_dir, **overrides):
+    """The service in this process against ``url``, stopped (gracefully) on exit."""
+    settings = Settings(**{"url": url, "cache_dir": Path(cache_dir), "provider": "ecb",
+                           "summary_interval_s": 3600.0, **overrides})
+    settings.validate()
+    runtime = Runtime(settings)
+    service = Service(settings, runtime.book)
+    runner = gevent.spawn(service.run)
+    try:
+        yield service
+    finally:
+        stopper = gevent.spawn(service.stop)
+        stopper.join(timeout=settings.shutdown_grace_s + 3)
+        runner.join(timeout=3)
+        gevent.killall([stopper, runner], timeout=1)
+        runtime.close()
+        if runner.exception is not None:
+            raise runner.exception
+
+
+def wait_until(predicate, timeout_s, interval_s=0.01):
+    """Poll ``predicate`` until it is truthy; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        gevent.sleep(interval_s)
+        value = predicate()
+    return value
+
+
+def service_env(tmp_path, **variables):
+    """A clean environment for a subprocess: only what DESIGN.md names, plus PATH."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
+           "EXRATE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    for name in ("GEVENT_MONITOR_THREAD_ENABLE", "GEVENT_MAX_BLOCKING_TIME"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update({k: str(v) for k, v in variables.items()})
+    return env
+
+
+def start_service(args, env):
+    """``bin/exrate-service ARGS`` as a subprocess (stdout and stderr merged)."""
+    return subprocess.Popen([sys.executable, str(BIN), *args], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def run_service(args, env, timeout_s=30):
+    return subprocess.run([sys.executable, str(BIN), *args], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout_s)
