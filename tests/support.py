@@ -51,12 +51,13 @@ def wait_until(predicate, timeout_s, interval_s=0.01):
 
 
 def service_env(tmp_path, **variables):
-    """A clean environment for a subprocess: only what DESIGN.md names, plus PATH."""
+    """A clean environment for a subprocess: only what DESIGN.md names, plus PATH.
+
+    Not gevent's monitor thread: started by a process that exits before its hub ever ran,
+    it fails at interpreter shutdown and prints a traceback (a gevent artefact).
+    """
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
            "EXRATE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    for name in ("GEVENT_MONITOR_THREAD_ENABLE", "GEVENT_MAX_BLOCKING_TIME"):
-        if name in os.environ:
-            env[name] = os.environ[name]
     env.update({k: str(v) for k, v in variables.items()})
     return env
 

@@ -33,6 +33,7 @@ USER_AGENT = f"exrate-green/{__version__} (python-requests/{requests.__version__
 
 #: attempts per call, the first included; the deadline usually ends them sooner
 MAX_ATTEMPTS = 4
+POOL_SIZE = 32  # concurrent connections per rate API host
 #: first pause between attempts, doubled each time (0.25, 0.5, 1.0 s) and jittered by up
 #: to -50 % so that clients failing together do not retry in lockstep
 BACKOFF_S = 0.25
@@ -193,8 +194,12 @@ class HttpClient:
 def _make_session():
     session = requests.Session()
     session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-    # Retries are ours (within the budget), so urllib3's own are off.
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+    # Retries are ours (within the budget), so urllib3's own are off. pool_block: past
+    # POOL_SIZE concurrent fetches a caller waits for a pooled connection (inside its
+    # deadline) instead of opening one more socket, which bounds file descriptors however
+    # many cold days are asked for at once.
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=4, pool_maxsize=POOL_SIZE, pool_block=True, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.max_redirects = 3
