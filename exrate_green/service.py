@@ -171,7 +171,7 @@ class Service:
         replies = []
         for kind, data in events:
             if kind != "text":
-                self._skip(f"{kind} frame of {data if kind == 'oversize' else len(data)} bytes")
+                self._refuse_frame(kind, data, today, replies)
                 continue
             if self.show_messages:
                 messages_log.info("recv %s", protocol.excerpt(data, 4096))
@@ -265,6 +265,23 @@ class Service:
             self.stats.dropped += count
             log.warning("dropped %d reply(ies): no connection within %.0f s",
                         count, self.settings.redelivery_window_s)
+
+    def _refuse_frame(self, kind, data, today, replies):
+        """Binary and oversize frames are never served; a binary one with an id is answered."""
+        request_id = None
+        if kind == "binary":
+            try:
+                request = protocol.parse(data, today)
+                request_id = request.id if request is not None else None
+            except ProtocolError as e:
+                request_id = e.request_id
+        if request_id is None:
+            size = data if kind == "oversize" else len(data)
+            self._skip(f"{kind} frame of {size} bytes")
+            return
+        self.stats.errors += 1
+        replies.append(protocol.error_reply(
+            request_id, "binary frames are not supported: send the request as a text frame"))
 
     def _skip(self, what):
         self.stats.skipped += 1

@@ -232,3 +232,13 @@ def test_show_messages_logs_requests_and_replies_as_compact_json(tmp_path, caplo
     sent = [json.loads(line[5:]) for line in lines if line.startswith("send ")]
     assert any(m.get("id") == rid and m["type"] == "message" for m in sent)
     assert any(line.startswith("recv ") and str(rid) in line for line in lines)
+
+
+def test_a_binary_request_with_an_id_gets_an_error_reply(tmp_path):
+    with Upstream() as up, running_service(up.url, tmp_path):
+        up.wait_for_connections(1, 5)
+        up.send_raw(json.dumps({"type": "message", "id": 9100, "payload": payload()}).encode(),
+                    binary=True)
+        reply = up.wait_for_reply(9100, 5)
+        assert reply["type"] == "error" and "binary frames are not supported" in reply["message"]
+        assert up.connected() == 1
