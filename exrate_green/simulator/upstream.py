@@ -350,6 +350,7 @@ class Upstream:
         self.max_connected = 0
         self._paused = False
         self._refusing = False
+        self._requests_paused = False
         self._started_at = None
         self._changed = gevent.event.Event()
         self._waiting = 0
@@ -422,6 +423,14 @@ class Upstream:
         """Send no heartbeat on any connection (new ones included) until resumed."""
         self._paused = True
 
+    def pause_requests(self):
+        """Stop the automatic requests (``request_rate``) until ``resume_requests()``;
+        lets a run drain, so a client is not blamed for requests sent as it stopped."""
+        self._requests_paused = True
+
+    def resume_requests(self):
+        self._requests_paused = False
+
     def resume_heartbeats(self):
         self._paused = False
 
@@ -459,6 +468,41 @@ class Upstream:
                     conn.wire.send_binary(data.encode() if isinstance(data, str) else data)
                 else:
                     conn.wire.send_text(data)
+                n += 1
+            except WireClosed:
+                pass
+        return n
+
+    def send_raw_request(self, frame, id, binary=False):
+        """Send a hand-made request ``frame`` (str or bytes, sent as is, as a text frame
+        unless ``binary``) on the newest connection and expect exactly one reply to ``id``,
+        which the frame is supposed to carry: for hostile requests whose envelope, not only
+        the payload, is crafted. Replies are checked and counted as for ``send_request``
+        (``duplicates``, ``unanswered``); raises ConnectionError the same way. -> ``id``."""
+        conns = [c for c in self._conns.values() if not c.closing and not c.wire.dead]
+        if not conns:
+            raise ConnectionError("no client connected to the upstream simulator")
+        conn = conns[-1]
+        self._ledger.register(id, None, conn.number, time.monotonic(), False)
+        try:
+            if binary:
+                conn.wire.send_binary(frame.encode() if isinstance(frame, str) else frame)
+            else:
+                conn.wire.send_text(frame)
+        except WireClosed as e:
+            self._ledger.unregister(id)
+            self.send_failures += 1
+            raise ConnectionError(f"request {id!r} not sent: {e}") from None
+        return id
+
+    def send_wire(self, data):
+        """Write ``data`` unchanged to every connection's socket: hand-made frames WsWire
+        never produces (reserved opcodes, stray continuations, oversize control frames,
+        masked server frames). -> count of connections written to."""
+        n = 0
+        for conn in list(self._conns.values()):
+            try:
+                conn.wire._write(bytes(data))
                 n += 1
             except WireClosed:
                 pass
@@ -676,6 +720,8 @@ class Upstream:
                 due += gap()
             if now - due > 1.0:                   # over a second behind: shed the backlog
                 due = now
+            if self._requests_paused:
+                continue
             if n and not self._send_auto_requests(conn, n):
                 return
 
