@@ -340,6 +340,9 @@ class Session:
             self.greenlets.kill(timeout=1)
 
     def end(self, cause):
+        """End the session: abort the socket now, so no reply is written to a connection
+        being abandoned (it is kept for the next one instead)."""
+        self.conn.abort()
         if not self.ended.ready():
             self.ended.set(cause)
 
@@ -352,6 +355,7 @@ class Session:
 
     def close(self):
         """Send a close frame (1000), wait briefly for the answer, end the session."""
+        self.greenlets.kill(timeout=1)  # nothing may follow our close frame, heartbeats included
         self.conn.close(1000, "shutting down")
         self.end("closed by us: shutting down")
 
