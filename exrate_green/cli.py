@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from decimal import Decimal, InvalidOperation
 
 from docopt import DocoptExit, docopt
@@ -87,10 +88,13 @@ def main(argv=None):
 
 def setup_logging(settings):
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
+    formatter = RedactingFormatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
+        secrets=[settings.access_key] if settings.access_key else [])
+    formatter.converter = time.gmtime  # UTC, like the protocol's dates
+    formatter.default_msec_format = "%s.%03dZ"
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(RedactingFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        secrets=[settings.access_key] if settings.access_key else []))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
