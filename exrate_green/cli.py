@@ -89,9 +89,10 @@ def main(argv=None):
 def setup_logging(settings):
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
     formatter = RedactingFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
         secrets=[settings.access_key] if settings.access_key else [])
     formatter.converter = time.gmtime  # UTC, like the protocol's dates
+    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
     formatter.default_msec_format = "%s.%03dZ"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
