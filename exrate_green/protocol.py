@@ -26,6 +26,10 @@ MAX_STAKE = Decimal("1e12")
 FIVE_PLACES = Decimal("0.00001")
 MAX_FUTURE = datetime.timedelta(days=1)  # clock skew between us and the upstream
 _UTC = datetime.timezone.utc
+#: orjson reads nesting 1024 deep but writes only 254, and the lenient parser lets through
+#: NaN deep in the payload, lone surrogates and integers beyond 64 bits
+UNECHOABLE = ("payload cannot be echoed as JSON: nested too deeply, or holding NaN/Infinity, "
+              "a lone surrogate or an integer beyond 64 bits")
 # Enough digits for MAX_STAKE divided by the smallest rate, quantized to 5 places.
 _CONTEXT = Context(prec=40, rounding=ROUND_HALF_UP)
 
@@ -59,6 +63,8 @@ def parse(data, today):
         return None
     request_id = message.get("id")
     if type(request_id) not in (int, str) or (type(request_id) is str and len(request_id) > 100):
+        request_id = None
+    elif lenient and not _echoable(request_id):  # a lone surrogate, an int beyond 64 bits
         request_id = None
     if kind != "message":
         raise ProtocolError(f"unknown message type {_show(kind)}", request_id)
@@ -147,12 +153,20 @@ def reply(request, stake_eur, timestamp):
     payload["stake"] = orjson.Fragment(str(stake_eur).encode())
     payload["currency"] = "EUR"
     payload["date"] = timestamp
-    return orjson.dumps({"type": "message", "id": request.id, "payload": payload},
-                        default=_number_fragment)
+    try:
+        return orjson.dumps({"type": "message", "id": request.id, "payload": payload},
+                            default=_number_fragment)
+    except orjson.JSONEncodeError:  # only what the lenient parser or deep nesting lets in
+        raise ProtocolError(UNECHOABLE) from None
 
 
 def error_reply(request_id, reason):
-    return orjson.dumps({"type": "error", "id": request_id, "message": ERROR_PREFIX + reason})
+    message = ERROR_PREFIX + reason
+    try:
+        return orjson.dumps({"type": "error", "id": request_id, "message": message})
+    except orjson.JSONEncodeError:  # a reason quoting a lone surrogate from the request
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return orjson.dumps({"type": "error", "id": request_id, "message": message})
 
 
 def timestamp(moment):
@@ -170,6 +184,15 @@ def excerpt(data, limit=200):
         text = data[:limit]
     more = len(data) - limit
     return repr(text) + (f"... (+{more} bytes)" if more > 0 else "")
+
+
+def _echoable(value):
+    """True if orjson can write ``value`` back (Python's parser accepts more than that)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _refuse_non_finite(payload):
