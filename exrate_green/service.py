@@ -192,6 +192,9 @@ class Service:
                 else:
                     self.stats.errors += 1
                     replies.append(protocol.error_reply(e.request_id, e.reason))
+            except Exception:  # a bug must cost one message, never the connection
+                self.stats.skipped += 1
+                log.exception("could not serve a message: %s", protocol.excerpt(data))
         if replies:
             self.deliver(replies)
             self.stats.record(self.clock() - started, len(replies))
@@ -213,6 +216,10 @@ class Service:
         except RateError as e:
             self.stats.errors += 1
             reply = protocol.error_reply(request.id, str(e))
+        except Exception:  # a bug must still leave the request answered
+            log.exception("converting request %r failed", request.id)
+            self.stats.errors += 1
+            reply = protocol.error_reply(request.id, "internal error")
         self.deliver([reply])
         self.stats.record(self.clock() - received_at)
 
