@@ -29,8 +29,10 @@ class Connection:
 
     Events are ``("text", bytes)``, ``("binary", bytes)`` and ``("oversize", n_bytes)``
     for a message over ``max_frame_bytes``, whose bytes are discarded as they arrive
-    (never buffered). Pings are answered inside ``receive()``; a close frame is answered
-    and ends the connection with ``ConnectionClosed``.
+    (never buffered). Pings are answered inside ``receive()``; a close frame ends the
+    connection with ``ConnectionClosed`` once the frames that came before it have been
+    returned (they were sent while the link was up: their requests must be answered),
+    and is answered then, after the replies to them.
     """
 
     def __init__(self, sock, max_frame_bytes=1 << 20):
@@ -43,6 +45,7 @@ class Connection:
         self._message_kind = None
         self._skip_bytes = 0  # left of an oversize frame's payload to discard
         self._skip_message = False  # discard continuation frames of an oversize message
+        self._close_frame = None  # (status bytes, cause) of a close frame read, not yet acted on
 
     @classmethod
     def open(cls, url, *, timeout_s, ca_file=None, max_frame_bytes=1 << 20):
@@ -64,9 +67,14 @@ class Connection:
     def receive(self):
         """The events of the next batch of frames (at least one); blocks until there is one."""
         while True:
-            events = self._parse()
-            if events:
-                return events
+            if self._close_frame is None:  # nothing after a close frame is read
+                events = self._parse()
+                if events:
+                    return events
+            if self._close_frame is not None:
+                code_bytes, cause = self._close_frame
+                self._answer_close(code_bytes)
+                raise self._lost(cause)
             try:
                 data = self.sock.recv(RECV_BYTES)
             except (OSError, ValueError) as e:  # ValueError: socket closed under us
@@ -124,6 +132,8 @@ class Connection:
                 payload = _mask(bytes(buf[pos + mask_at:pos + head]), payload)
             pos += head + length
             self._frame(fin, opcode, payload, events)
+            if self._close_frame is not None:  # nothing after a close frame counts
+                break
         del buf[:pos]
         return events
 
@@ -151,8 +161,8 @@ class Connection:
         elif opcode == OP_CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             reason = payload[2:125].decode("utf-8", "replace")
-            self._answer_close(payload[:2])
-            raise self._lost(f"upstream sent close frame {code}" + (f" ({reason})" if reason else ""))
+            self._close_frame = (payload[:2], f"upstream sent close frame {code}"
+                                 + (f" ({reason})" if reason else ""))
         # OP_PONG and reserved opcodes are ignored
 
     # -- writing -------------------------------------------------------------------------
