@@ -120,6 +120,16 @@ class _JsonCache(diskcache.Cache):
         return execute
 
 
+def _returning_failure(fn, *args):
+    """``(None, fn(*args))``, or ``(CacheError, None)``: in the disk thread, a failure is
+    returned, not raised, because gevent prints every exception raised in a threadpool
+    to stderr, traceback and all; the caller's one warning line is the whole report."""
+    try:
+        return None, fn(*args)
+    except CacheError as e:
+        return e, None
+
+
 def table_key(provider, day):
     """The cache key of one provider's table for one day: ``"ecb/2021-05-18"``."""
     return f"{provider}/{day.isoformat()}"
@@ -221,7 +231,10 @@ class TableCache:
         try:
             timeout = CacheError(f"no answer from the disk thread within {self.wait_s:g}s")
             with gevent.Timeout(self.wait_s, timeout):
-                return self._pool.spawn(fn, *args).get()
+                failure, value = self._pool.spawn(_returning_failure, fn, *args).get()
+            if failure is not None:
+                raise failure
+            return value
         except CacheError as e:
             self.errors += 1
             log.warning("cache %s failed, treated as a miss: %s", what, e)
