@@ -419,6 +419,8 @@ def start_stall_watchdog(service, stall_exit_s, check_every_s=1.0):
     """A native thread that ends the process if a connection's reader or heartbeat sender
     makes no progress for ``stall_exit_s`` seconds (a wedged greenlet or a blocked hub),
     so the platform restarts us. The reader turns at least once per upstream heartbeat.
+    A ticker greenlet (one of ``service.jobs``) shows the hub turning between connections
+    too, while the supervisor reconnects: a hub blocked then is caught as well.
 
     It must be a real OS thread: a greenlet would be stuck with the hub it watches. It
     writes straight to the file descriptors: logging's locks are gevent's.
@@ -426,11 +428,19 @@ def start_stall_watchdog(service, stall_exit_s, check_every_s=1.0):
     sleep = monkey.get_original("time", "sleep")
     start_new_thread = monkey.get_original("_thread", "start_new_thread")
     clock = service.clock
+    hub_turned = [clock()]
+
+    def tick():
+        while True:
+            hub_turned[0] = clock()
+            gevent.sleep(min(check_every_s, stall_exit_s / 4))
+
+    service.jobs.spawn(tick)
 
     def watch():
         while not service.stopped.is_set():
             sleep(check_every_s)
-            for job, last in list(service.progress.items()):
+            for job, last in [("hub", hub_turned[0]), *service.progress.items()]:
                 stalled_s = clock() - last
                 if stalled_s > stall_exit_s and not service.stopping:
                     line = (f"CRITICAL exrate_green.service: {job} made no progress for "
