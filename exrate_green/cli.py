@@ -5,6 +5,8 @@ Usage:
   exrate-service demo [--duration=SECONDS] [--rate=RPS] [options]
   exrate-service cache (list | show DAY | stats | clear) [--json] [options]
   exrate-service convert AMOUNT CURRENCY [DATE] [options]
+  exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson] [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
+  exrate-service bench [--out=FILE] [--quick] [options]
   exrate-service -h | --help
   exrate-service --version
 
@@ -14,6 +16,10 @@ Commands:
               service against them, offline; print a summary at the end.
   cache       Inspect the on-disk rate cache: list, show DAY (YYYY-MM-DD), stats, clear.
   convert     One conversion through the service's code path, e.g. convert 253.67 USD 2021-05-18.
+  simulate    Run the currency-assignment simulator as a standalone WebSocket server for any
+              client: paced requests, scripted faults, reply validation, a JSON report.
+  bench       Start the simulator and the service as separate processes, sweep request
+              rates until replies fall behind, print a table and write JSON results.
 
 Options:
   --show-messages     Log every request and reply as compact JSON [env: EXRATE_SHOW_MESSAGES=1].
@@ -21,8 +27,24 @@ Options:
   --provider=NAME     ecb, frankfurter or exchangerate.host [env: EXRATE_PROVIDER].
   --cache-dir=DIR     Rate cache directory [env: EXRATE_CACHE_DIR].
   --log-level=LEVEL   DEBUG, INFO, WARNING or ERROR [env: LOG_LEVEL].
-  --duration=SECONDS  demo: stop after this many seconds (default: run until Ctrl-C).
-  --rate=RPS          demo: requests per second sent by the simulator [default: 20].
+  --duration=SECONDS  demo, simulate: stop after this many seconds (default: until Ctrl-C).
+  --rate=RPS          demo, simulate: requests per second sent by the simulator [default: 20].
+  --host=HOST         simulate: address to listen on [default: 127.0.0.1].
+  --port=PORT         simulate: port to listen on, 0 for any free one [default: 0].
+  --poisson           simulate: exponentially distributed gaps between requests.
+  --faults=SCRIPT     simulate: SECONDS:ACTION[=VALUE],... with ACTION pause=S, drop,
+                      close=CODE, garbage=N or slowread=S, e.g. 5:pause=3,12:drop.
+  --report=FILE       simulate: write the JSON report to FILE (default: stdout).
+  --requests=N        simulate: stop sending after N requests.
+  --dates=FIRST:LAST  simulate: request dates from YYYY-MM-DD to YYYY-MM-DD.
+  --seed=N            simulate: random seed, for a reproducible request mix.
+  --drain=SECONDS     simulate: after --duration, wait this long for replies [default: 2].
+  --rate-api=PORT     simulate: also serve the fake rate API on PORT (0: any free one).
+  --rate-api-latency=MS  simulate: the fake rate API answers after MS milliseconds [default: 0].
+  --rate-api-fail=MODE   simulate: the fake rate API fails every request: 500, 429, hang,
+                      bad_json or api_error.
+  --out=FILE          bench: JSON results file [default: bench-results/bench.json].
+  --quick             bench: a short smoke run (~15 s) instead of the full sweep (~3 min).
   --json              cache: machine-readable JSON output.
   -h --help           Show this help.
   --version           Show the version.
@@ -83,6 +105,17 @@ def main(argv=None):
             print("exrate-service: --duration and --rate take numbers", file=sys.stderr)
             return 2
         return run_demo(settings, duration_s=duration_s, rate=rate)
+    if args["simulate"]:
+        from .simulator.tool import options_from_args, run_simulate
+        try:
+            options = options_from_args(args)
+        except ValueError as e:
+            print(f"exrate-service: simulate: {e}", file=sys.stderr)
+            return 2
+        return run_simulate(options)
+    if args["bench"]:
+        from .bench import run_bench
+        return run_bench(args["--out"], quick=args["--quick"])
     return run(settings)
 
 

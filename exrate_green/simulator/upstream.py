@@ -528,6 +528,9 @@ class Upstream:
     def start(self):
         if self._server is not None:
             raise RuntimeError("Upstream already started")
+        if self.request_rate > 0:   # ~60 ms once, rather than a slow first second of requests
+            self._next_templates(self.TEMPLATES)
+            self._template_turn = 0
         self._listen()
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:
