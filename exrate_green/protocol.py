@@ -26,6 +26,8 @@ MAX_STAKE = Decimal("1e12")
 FIVE_PLACES = Decimal("0.00001")
 MAX_FUTURE = datetime.timedelta(days=1)  # clock skew between us and the upstream
 _UTC = datetime.timezone.utc
+#: what a quoted value must not carry raw into a log line
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: orjson reads nesting 1024 deep but writes only 254, and the lenient parser lets through
 #: NaN deep in the payload, lone surrogates and integers beyond 64 bits
 UNECHOABLE = ("payload cannot be echoed as JSON: nested too deeply, or holding NaN/Infinity, "
@@ -212,10 +214,21 @@ def _field(payload, name):
 
 
 def _show(value, limit=24):
-    """A value quoted for an error reason, truncated so a reply never echoes a flood."""
+    """A value quoted for an error reason, truncated so a reply never echoes a flood.
+
+    Control characters, line separators and lone surrogates are escaped: a reason is also
+    logged (for a message without an id), and a raw line break there would let the
+    upstream forge log lines.
+    """
     text = value if isinstance(value, str) else json.dumps(value, default=repr)[:limit * 2]
     text = text if len(text) <= limit else text[:limit] + "..."
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    text = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + _UNPRINTABLE.sub(_escape_char, text) + "'"
+
+
+def _escape_char(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _number_fragment(value):
