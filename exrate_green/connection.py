@@ -160,7 +160,8 @@ class Connection:
             self.send_frame(OP_PONG, payload)
         elif opcode == OP_CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            reason = payload[2:125].decode("utf-8", "replace")
+            # repr escapes line breaks: the reason is logged, it must not forge log lines
+            reason = repr(payload[2:125].decode("utf-8", "replace"))[1:-1]
             self._close_frame = (payload[:2], f"upstream sent close frame {code}"
                                  + (f" ({reason})" if reason else ""))
         # OP_PONG and reserved opcodes are ignored
