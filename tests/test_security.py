@@ -312,3 +312,58 @@ def test_nothing_listens_on_a_network_port_in_run_mode(tmp_path):
     assert len(inet) == 1, inet  # the upstream connection, nothing else
     (link,) = inet
     assert link.status == psutil.CONN_ESTABLISHED and link.raddr.port == up.port
+
+
+# -- log forging -------------------------------------------------------------------------------
+
+FORGED = "CRITICAL forged"
+LOG_LINE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z [A-Z]+ [\w.]+: ")
+
+
+def test_upstream_text_cannot_forge_log_lines(tmp_path):
+    # Every upstream-controlled string that reaches a log line, with line breaks in it.
+    # Each printed line must still be one event: starting with its timestamp and level.
+    breaks = ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"]
+    with Upstream(heartbeat_interval_s=0.2) as up:
+        env = service_env(tmp_path, EXRATE_URL=up.url, EXRATE_PROVIDER="ecb",
+                          EXRATE_HEARTBEAT_INTERVAL=0.2, EXRATE_HEARTBEAT_TIMEOUT=0.6)
+        proc = start_service(["--show-messages"], env)
+        lines = []
+        reader = gevent.spawn(lambda: [lines.append(raw.decode("utf-8", "replace"))
+                                       for raw in iter(proc.stdout.readline, b"")])
+        try:
+            assert up.wait_for_connections(1, 15)
+            for i, brk in enumerate(breaks):
+                text = f"x{brk}{FORGED}"
+                # no id: skipped and logged with the reason, which quotes the value
+                up.send_raw(json.dumps({"type": text}))
+                up.send_raw(json.dumps({"type": "message", "payload": {
+                    "stake": 1, "currency": text, "date": "2021-05-18"}}))
+                up.send_raw(json.dumps({"type": "message", "payload": {
+                    "stake": 1, "currency": "USD", "date": text}}))
+                # with an id: an error reply (and, with --show-messages, the message log)
+                rid = up.send_request({**PAYLOAD, "currency": text}, id=f"id{brk}{i}")
+                assert up.wait_for_reply(rid, 5)["type"] == "error"
+            # a lone surrogate (the lenient parser, for NaN) is not even encodable: logging
+            # would print a "--- Logging error ---" traceback instead of the line
+            up.send_raw('{"type":"\\ud800' + FORGED + '","n":NaN}')
+            # the close frame's reason is logged with the disconnect
+            accepted = up.connections
+            up.close(1000, f"bye\n{FORGED}")
+            assert up.wait_for_connections(accepted + 1, 5)
+            gevent.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            reader.join(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = "".join(lines)
+    assert output.count(FORGED) >= 3 * len(breaks)  # the values were logged...
+    # ...without ever starting a line of their own (log pipelines split on LF; a CR would
+    # rewrite a line on a terminal; JSON in the message log may keep U+2028 and NEL raw)
+    stray = [line for line in output.split("\n") if line and not LOG_LINE.match(line)]
+    assert not stray, stray[:5]
+    assert "\r" not in output
+    assert "Logging error" not in output
