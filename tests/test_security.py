@@ -18,6 +18,8 @@
   ``test_disk_refuses_to_store_anything_but_text``): not repeated here.
 * In run mode nothing listens on a network port: the service process holds one
   established connection to the upstream and no listening or unconnected socket.
+* Upstream text cannot forge log lines: values quoted in logged reasons and the close
+  frame's reason are escaped, so every printed line is one event.
 """
 
 import json
