@@ -41,7 +41,7 @@ class Settings:
     summary_interval_s: float = 60.0
     #: frames larger than this are skipped unread (DESIGN: 1 MiB)
     max_frame_bytes: int = 1 << 20
-    #: extra CA bundle for wss:// and https:// (self-signed upstreams); system CAs otherwise
+    #: CA bundle trusted for wss:// and https:// instead of the system CAs (private upstreams)
     ca_file: str | None = None
     #: if the reader or heartbeat greenlet makes no progress for this long, exit non-zero
     stall_exit_s: float = 30.0
