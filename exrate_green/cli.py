@@ -6,7 +6,7 @@ Usage:
   exrate-service cache (list | show DAY | stats | clear) [--json] [options]
   exrate-service convert AMOUNT CURRENCY [DATE] [options]
   exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson] [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
-  exrate-service bench [--out=FILE] [--quick] [options]
+  exrate-service bench [--out=FILE] [--quick] [--pin] [options]
   exrate-service -h | --help
   exrate-service --version
 
@@ -45,6 +45,7 @@ Options:
                       bad_json or api_error.
   --out=FILE          bench: JSON results file [default: bench-results/bench.json].
   --quick             bench: a short smoke run (~15 s) instead of the full sweep (~3 min).
+  --pin               bench: the service on CPU 0, the load generator on CPU 1.
   --json              cache: machine-readable JSON output.
   -h --help           Show this help.
   --version           Show the version.
@@ -115,7 +116,7 @@ def main(argv=None):
         return run_simulate(options)
     if args["bench"]:
         from .bench import run_bench
-        return run_bench(args["--out"], quick=args["--quick"])
+        return run_bench(args["--out"], quick=args["--quick"], pin_cpus=args["--pin"])
     return run(settings)
 
 
