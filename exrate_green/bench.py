@@ -77,8 +77,9 @@ class Plan:
 
 FULL = Plan(warmup_rate=3000, warmup_s=3, level_s=8,
             warm_levels=(1000, 5000, 10000, 15000, 20000, 25000, 30000, 40000, 50000, 60000,
-                         70000),
-            ceiling_levels=(20000, 30000, 40000, 50000, 60000, 70000, 80000), ceiling_s=5,
+                         70000, 80000, 90000),
+            ceiling_levels=(20000, 30000, 40000, 50000, 60000, 70000, 80000, 90000, 100000),
+            ceiling_s=5,
             cold_rate=200, cold_requests=1000, cold_days=50, cold_latency_ms=200,
             failing_rate=200, failing_s=5, failing_days=10, failing_http_timeout_s=2)
 QUICK = Plan(warmup_rate=5000, warmup_s=1, level_s=1.5, warm_levels=(500, 2000),
@@ -600,6 +601,7 @@ def echo_client(url):
     parts = urllib.parse.urlsplit(url)
     key = base64.b64encode(os.urandom(16)).decode()
     sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stalls
     sock.sendall((f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
