@@ -384,7 +384,10 @@ class Session:
             progress["receive_loop"] = self.clock()
             events = self.conn.receive()
             self.service.handle(events, self)
-            gevent.sleep(0)  # under load recv never blocks: let heartbeats and timers run
+            # Under load recv never blocks: let heartbeats and timers run. Not sleep(0):
+            # gevent runs sleep(0) callbacks back to back and looks at its timers only
+            # every 50 of them, so with big batches a heartbeat could wait a second.
+            gevent.idle()
 
     def heartbeat(self):
         """Send a heartbeat at once, then every ``heartbeat_interval_s``, without drift."""
