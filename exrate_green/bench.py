@@ -203,7 +203,8 @@ class Bench:
             rows.append(row)
             if not row["kept_up"]:
                 break
-        peak_rss_mb = service.peak_rss_mb()
+        sampled = [r["service_peak_rss_mb"] for r in [warmup, *rows] if r["service_peak_rss_mb"]]
+        peak_rss_mb = max([service.peak_rss_mb() or 0.0, *sampled])
         exit_code = service.stop()
         kept = [r for r in rows if r["kept_up"]]
         best = max(kept, key=lambda r: r["replies_per_s"], default=None)
