@@ -190,6 +190,16 @@ def excerpt(data, limit=200):
     return repr(text) + (f"... (+{more} bytes)" if more > 0 else "")
 
 
+def shown(data, limit=4096):
+    """A frame for ``--show-messages``: its JSON text as received when that is one printable
+    line (what the upstream sends), else the escaped ``excerpt`` (no forged log lines)."""
+    if len(data) <= limit:
+        text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
+        if text.isprintable():
+            return text
+    return excerpt(data, limit)
+
+
 def _echoable(value):
     """True if orjson can write ``value`` back (Python's parser accepts more than that)."""
     try:

@@ -188,7 +188,7 @@ class Service:
                 self._refuse_frame(kind, data, today, replies)
                 continue
             if self.show_messages:
-                messages_log.info("recv %s", protocol.excerpt(data, 4096))
+                messages_log.info("recv %s", protocol.shown(data))
             try:
                 request = protocol.parse(data, today)
                 if request is None:
