@@ -71,3 +71,15 @@ def start_service(args, env):
 def run_service(args, env, timeout_s=30):
     return subprocess.run([sys.executable, str(BIN), *args], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+#: A script (``python -c``) holding an exclusive SQLite lock on ARGV[1] for ARGV[2] seconds,
+#: as another process sharing the cache could; prints "locked" once it holds it.
+LOCKER = """
+    import sqlite3, sys, time
+    con = sqlite3.connect(sys.argv[1], isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.execute("ROLLBACK")
+"""

@@ -21,6 +21,7 @@ from exrate_green.cache import JsonDisk, TableCache, run_cache_command
 from exrate_green.config import Settings
 from exrate_green.errors import CacheError
 from exrate_green.rates.table import RateTable
+from .support import LOCKER
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = datetime.date(2021, 5, 18)
@@ -255,16 +256,6 @@ def test_read_only_directory_runs_disabled(cache_dir, warnings_log):
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
-
-
-LOCKER = """
-    import sqlite3, sys, time
-    con = sqlite3.connect(sys.argv[1], isolation_level=None)
-    con.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    con.execute("ROLLBACK")
-"""
 
 
 def test_locked_by_another_process_is_a_quick_miss_and_never_blocks_the_hub(

@@ -23,7 +23,7 @@ import pytest
 
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import running_service, wait_until
+from .support import LOCKER, running_service, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
@@ -91,16 +91,6 @@ def python(code, *args):
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-LOCKER = """
-    import sqlite3, sys, time
-    con = sqlite3.connect(sys.argv[1], isolation_level=None)
-    con.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    con.execute("ROLLBACK")
-"""
 
 
 def test_cache_locked_by_another_process(tmp_path, capfd):
