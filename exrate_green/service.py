@@ -43,18 +43,18 @@ class Stats:
         """Latency of ``count`` replies. Past ``_MAX_SAMPLES`` a sample replaces a random
         one (reservoir sampling), so the summary covers the whole interval at any rate and
         sorting it on the hub stays cheap."""
-        samples, seen = self.latencies_s, self._recorded
+        samples = self.latencies_s
         self._recorded += count
-        if len(samples) + count <= _MAX_SAMPLES:
-            samples.extend([latency_s] * count)
+        room = _MAX_SAMPLES - len(samples)
+        if room > 0:
+            samples.extend([latency_s] * min(count, room))
             return
-        for seen in range(seen + 1, seen + count + 1):  # Algorithm R, one draw per reply
-            if len(samples) < _MAX_SAMPLES:
-                samples.append(latency_s)
-                continue
-            slot = random.randrange(seen)
-            if slot < _MAX_SAMPLES:
-                samples[slot] = latency_s
+        # Each reply would replace a random slot with probability _MAX_SAMPLES/seen
+        # (Algorithm R): draw how many do, per batch rather than per reply (hot path).
+        expected = count * _MAX_SAMPLES / self._recorded
+        replaced = int(expected) + (random.random() < expected % 1)
+        for _ in range(min(replaced, count)):
+            samples[random.randrange(_MAX_SAMPLES)] = latency_s
 
     def take_latencies(self):
         samples, self.latencies_s, self._recorded = self.latencies_s, [], 0
