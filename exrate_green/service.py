@@ -197,6 +197,8 @@ class Service:
                 self.stats.requests += 1
                 table = self.book.peek(request.day)
                 if table is None:
+                    if self.waiting.full():
+                        replies = self._wait_for_room(replies, started, session)
                     self.waiting.spawn(self.convert_later, request, started)
                     continue
                 replies.append(self.answer(request, table, stamp))
@@ -210,8 +212,27 @@ class Service:
                 self.stats.skipped += 1
                 log.exception("could not serve a message: %s", protocol.excerpt(data))
         if replies:
-            self.deliver(replies)
-            self.stats.record(self.clock() - started, len(replies))
+            self._flush(replies, started)
+
+    def _wait_for_room(self, replies, started, session):
+        """Back-pressure: the reader stops until a waiting conversion finishes. Replies
+        already made are sent first, and the watchdog does not count the pause as
+        upstream silence (its heartbeats wait unread in our socket): silence counts again
+        from when reading resumes."""
+        if replies:
+            replies = self._flush(replies, started)
+        session.reading = False
+        try:
+            self.waiting.wait_available()
+        finally:
+            session.reading = True
+            session.last_heartbeat_at = max(session.last_heartbeat_at, self.clock())
+        return replies
+
+    def _flush(self, replies, started):
+        self.deliver(replies)
+        self.stats.record(self.clock() - started, len(replies))
+        return []
 
     def answer(self, request, table, stamp):
         """The reply to ``request`` from ``table``: converted, or an error reply."""
@@ -343,6 +364,7 @@ class Session:
         self.clock = service.clock
         self.last_heartbeat_at = self.clock()  # the watchdog counts from the open
         self.heartbeats_received = 0
+        self.reading = True  # False while back-pressure holds the reader
         self.greenlets = Group()
         self.ended = AsyncResult()
         self.reader = self.watchdog = None
@@ -422,9 +444,9 @@ class Session:
         timeout_s = self.settings.heartbeat_timeout_s
         while True:
             silent_s = self.clock() - self.last_heartbeat_at
-            if silent_s > timeout_s:
+            if silent_s > timeout_s and self.reading:
                 raise ConnectionClosed(f"no heartbeat from upstream for {silent_s:.2f} s")
-            gevent.sleep(timeout_s - silent_s + 0.005)
+            gevent.sleep(max(timeout_s - silent_s, 0.05) + 0.005)
 
     def on_heartbeat(self):
         self.last_heartbeat_at = self.clock()

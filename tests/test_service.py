@@ -244,3 +244,32 @@ def test_a_binary_request_with_an_id_gets_an_error_reply(tmp_path):
         reply = up.wait_for_reply(9100, 5)
         assert reply["type"] == "error" and "binary frames are not supported" in reply["message"]
         assert up.connected() == 1
+
+
+
+def _server_frame(message):
+    """One unmasked text frame, as a server writes it."""
+    data = json.dumps(message).encode()
+    head = bytes((0x81, len(data))) if len(data) < 126 else bytes((0x81, 126)) + len(data).to_bytes(2, "big")
+    return head + data
+
+
+def test_under_back_pressure_a_hot_reply_is_not_held_behind_a_cold_request(tmp_path):
+    with FakeRateApi(latency_s=1.5) as api, Upstream() as up, running_service(
+            up.url, tmp_path, provider="frankfurter", frankfurter_url=api.frankfurter_url,
+            max_in_flight=1) as service:
+        up.wait_for_connections(1, 5)
+        assert up.wait_for_reply(up.send_request(payload()), 5)  # 2021-05-18 now in memory
+        cold = [{"type": "message", "id": rid, "payload": payload(date=day)}
+                for rid, day in ((9201, "2021-01-04"), (9203, "2021-01-05"))]
+        hot = {"type": "message", "id": 9202, "payload": payload()}
+        # One read: cold (fills the pool), hot, cold (the reader blocks on the full pool).
+        up.send_wire(_server_frame(cold[0]) + _server_frame(hot) + _server_frame(cold[1]))
+        sent = time.monotonic()
+        assert up.wait_for_reply(9202, 1.0)["payload"]["stake"] == 207.55196
+        assert time.monotonic() - sent < 0.5  # not after the 1.5 s fetch
+        assert service.waiting.full()
+        assert up.wait_for_reply(9201, 6) and up.wait_for_reply(9203, 6)
+        # The reader sat 1.5 s on a full pool while heartbeats queued unread: that is not
+        # upstream silence, so the watchdog must not have dropped the link (nor request 9203).
+        assert service.stats.reconnects == 0 and up.connections == 1
