@@ -67,6 +67,7 @@ from . import __version__, protocol
 from .config import Settings
 from .errors import ConfigError, ProtocolError, RateError
 from .redact import RedactingFormatter
+from .runtime import Runtime
 
 log = logging.getLogger("exrate_green")
 
@@ -137,30 +138,6 @@ def setup_logging(settings):
     messages.setLevel(logging.INFO if settings.show_messages else logging.WARNING)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # platforms read logs through a pipe
-
-
-class Runtime:
-    """The rate machinery a command needs, closed in reverse order of opening."""
-
-    def __init__(self, settings):
-        from .cache import TableCache
-        from .rates.book import RateBook
-        from .rates.http import HttpClient
-        from .rates.providers import make_provider
-
-        self.settings = settings
-        self.http = HttpClient(settings)
-        self.provider = make_provider(settings, self.http)
-        self.cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
-        self.cache.open()
-        self.book = RateBook(self.provider, self.cache, ttl_s=settings.cache_ttl_s,
-                             wait_s=settings.http_timeout_s + 2)
-
-    def close(self):
-        self.book.close()
-        self.cache.close()
-        self.provider.close()
-        self.http.close()
 
 
 def run(settings):

@@ -20,7 +20,7 @@ log = logging.getLogger("exrate_green.demo")
 
 def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
     """Run until ``duration_s`` seconds pass or SIGINT/SIGTERM; 0 if every reply was right."""
-    from .cli import Runtime
+    from .runtime import Runtime
     from .simulator import FakeRateApi, Upstream
 
     cache_dir = tempfile.mkdtemp(prefix="exrate-demo-")  # the demo never touches a real cache

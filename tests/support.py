@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gevent
 
-from exrate_green.cli import Runtime
+from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
 from exrate_green.service import Service
 

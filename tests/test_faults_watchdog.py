@@ -30,7 +30,8 @@ SCRIPT = """
     from gevent import monkey; monkey.patch_all()
     import sys, gevent
     from pathlib import Path
-    from exrate_green.cli import Runtime, setup_logging
+    from exrate_green.cli import setup_logging
+    from exrate_green.runtime import Runtime
     from exrate_green.config import Settings
     from exrate_green.service import Service
 

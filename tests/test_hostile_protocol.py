@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exrate_green import protocol
-from exrate_green.cli import Runtime
+from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
 from exrate_green.errors import ProtocolError
 from exrate_green.service import Service
