@@ -25,6 +25,16 @@ class Settings:
     frankfurter_url: str = "https://api.frankfurter.dev/v1"
     cache_dir: Path = Path("~/.cache/exrate-green")
     cache_ttl_s: float = 7200.0
+    #: seconds past freshness a table may still answer while its provider fails (0: never)
+    stale_if_error_s: float = 604800.0
+    #: Redis tier shared by a fleet (a password in it is a secret: never logged)
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    #: False accepts a self-signed rediss:// certificate (Heroku's), only when asked
+    redis_verify: bool = True
+    #: seconds a write may make no progress before the connection is abandoned
+    send_timeout_s: float = 30.0
+    #: serve /metrics and /healthz on this port (all interfaces); None: nothing listens
+    metrics_port: int | None = None
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 2.0
     http_timeout_s: float = 5.0
@@ -74,10 +84,16 @@ class Settings:
         for name in ("cache_ttl_s", "heartbeat_interval_s", "heartbeat_timeout_s",
                      "http_timeout_s", "http_connect_timeout_s", "shutdown_grace_s",
                      "redelivery_window_s", "reconnect_max_delay_s", "summary_interval_s",
-                     "stall_exit_s"):
+                     "stall_exit_s", "send_timeout_s"):
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not 0 <= self.stale_if_error_s < float("inf"):
+            raise ConfigError(f"EXRATE_STALE_IF_ERROR must be 0 or a positive number of "
+                              f"seconds, got {self.stale_if_error_s!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"EXRATE_METRICS_PORT must be a port number (0-65535), "
+                              f"got {self.metrics_port!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("heartbeat timeout must be longer than the heartbeat interval")
         if self.max_in_flight < 1:
@@ -112,6 +128,11 @@ _ENVIRONMENT = (
     ("EXRATE_SUMMARY_INTERVAL", "summary_interval_s", float),
     ("EXRATE_CA_FILE", "ca_file", str),
     ("EXRATE_STALL_EXIT", "stall_exit_s", float),
+    ("EXRATE_STALE_IF_ERROR", "stale_if_error_s", float),
+    ("REDIS_URL", "redis_url", str),
+    ("EXRATE_REDIS_VERIFY", "redis_verify", lambda v: v.strip().lower() not in ("0", "false", "no")),
+    ("EXRATE_SEND_TIMEOUT", "send_timeout_s", float),
+    ("EXRATE_METRICS_PORT", "metrics_port", int),
 )
 
 
