@@ -160,9 +160,20 @@ def run(settings):
         gevent.signal_handler(signum, on_signal, signum)
     log.info("exrate-service %s: provider %s, upstream %s, cache %s",
              __version__, settings.provider, settings.url, settings.cache_dir)
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            from .metrics import MetricsServer
+            try:
+                metrics = MetricsServer(service, settings.metrics_port).start()
+            except OSError as e:  # the port is taken, or needs privileges
+                log.error("EXRATE_METRICS_PORT=%d: cannot listen: %s",
+                          settings.metrics_port, e.strerror or e)
+                return 1
         return service.run()
     finally:
+        if metrics is not None:
+            metrics.stop()
         log.info("summary: %s", service.summary_line())
         runtime.close()
         log.info("stopped")

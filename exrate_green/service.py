@@ -7,6 +7,7 @@ greenlets (``receive_loop``, ``heartbeat``, ``heartbeat_timeout_checker``) in on
 ``Group``, killed when the connection ends.
 """
 
+import bisect
 import collections
 import datetime
 import logging
@@ -27,6 +28,9 @@ log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
 _UTC = datetime.timezone.utc
 _MAX_SAMPLES = 20_000  # latency samples kept per summary interval (sorted in ~3 ms)
+#: upper bounds (seconds) of the reply latency histogram's buckets; one more counts the rest
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                     5.0, 10.0)
 
 
 class Stats:
@@ -35,14 +39,27 @@ class Stats:
     def __init__(self):
         self.requests = self.replies = self.errors = self.skipped = 0
         self.connects = self.reconnects = self.redelivered = self.dropped = 0
+        self.connect_attempts = self.connect_failures = 0
         self.heartbeats_sent = self.heartbeats_received = 0
+        self.errors_by_kind = collections.Counter()  # error replies by ``ExrateError.kind``
         self.latencies_s = []
         self._recorded = 0  # replies recorded since the last summary
+        # Since start, for the metrics' histogram: replies per LATENCY_BUCKETS_S bucket
+        # (not cumulative: the scrape adds them up) and the sum of their latencies.
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
+
+    def error(self, kind):
+        """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g. ``"invalid_request"``)."""
+        self.errors += 1
+        self.errors_by_kind[kind] += 1
 
     def record(self, latency_s, count=1):
         """Latency of ``count`` replies. Past ``_MAX_SAMPLES`` a sample replaces a random
         one (reservoir sampling), so the summary covers the whole interval at any rate and
         sorting it on the hub stays cheap."""
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += count
+        self.latency_sum_s += latency_s * count
         samples = self.latencies_s
         self._recorded += count
         room = _MAX_SAMPLES - len(samples)
@@ -62,9 +79,9 @@ class Stats:
 
 
 def percentile(samples, fraction):
-    """The ``fraction`` quantile of ``samples`` (nearest rank), or 0.0 when empty."""
+    """The ``fraction`` quantile of ``samples`` (nearest rank), or None when empty."""
     if not samples:
-        return 0.0
+        return None
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
@@ -98,6 +115,7 @@ class Service:
         self.jobs = Group()  # service-lifetime background jobs
         self.show_messages = settings.show_messages
         self.progress = {}  # job name -> clock() of its last turn, for the stall watchdog
+        self.last_disconnect = None  # why the last connection (or connect) ended, for /healthz
 
     # -- the supervisor ------------------------------------------------------------------
 
@@ -114,6 +132,7 @@ class Service:
                     self._wake.wait(delay_s)
                     if self.stopping:
                         break
+                self.stats.connect_attempts += 1
                 try:
                     conn = Connection.open(
                         self.settings.url, timeout_s=self.settings.http_connect_timeout_s + 3,
@@ -121,6 +140,8 @@ class Service:
                         max_frame_bytes=self.settings.max_frame_bytes)
                 except ConnectionClosed as e:
                     failures += 1
+                    self.stats.connect_failures += 1
+                    self.last_disconnect = f"connect failed: {e.cause}"
                     log.warning("connect failed (%d in a row): %s", failures, e.cause)
                     continue
                 failures = self._serve(conn, failures)
@@ -140,6 +161,7 @@ class Service:
             cause = session.run()
         finally:
             self.session = None
+        self.last_disconnect = cause
         if self.stopping:
             log.info("disconnected: %s", cause)
             return failures
@@ -206,7 +228,8 @@ class Service:
                 if e.request_id is None:
                     self._skip(f"{e.reason}: {protocol.excerpt(data)}")
                 else:
-                    self.stats.errors += 1
+                    self.stats.requests += 1  # a request, if a bad one: it gets a reply
+                    self.stats.error(e.kind)
                     replies.append(protocol.error_reply(e.request_id, e.reason))
             except Exception:  # a bug must cost one message, never the connection
                 self.stats.skipped += 1
@@ -240,7 +263,7 @@ class Service:
             stake_eur = protocol.convert(request.stake, table.rate(request.currency))
             return protocol.reply(request, stake_eur, stamp)
         except (RateError, ProtocolError) as e:
-            self.stats.errors += 1
+            self.stats.error(e.kind)
             return protocol.error_reply(request.id, getattr(e, "reason", None) or str(e))
 
     def convert_later(self, request, received_at):
@@ -249,11 +272,11 @@ class Service:
             table = self.book.get(request.day)
             reply = self.answer(request, table, protocol.timestamp(datetime.datetime.now(_UTC)))
         except RateError as e:
-            self.stats.errors += 1
+            self.stats.error(e.kind)
             reply = protocol.error_reply(request.id, str(e))
         except Exception:  # a bug must still leave the request answered
             log.exception("converting request %r failed", request.id)
-            self.stats.errors += 1
+            self.stats.error("internal")
             reply = protocol.error_reply(request.id, "internal error")
         self.deliver([reply])
         self.stats.record(self.clock() - received_at)
@@ -321,7 +344,8 @@ class Service:
             size = data if kind == "oversize" else len(data)
             self._skip(f"{kind} frame of {size} bytes")
             return
-        self.stats.errors += 1
+        self.stats.requests += 1  # a request, if in the wrong frame type: it gets a reply
+        self.stats.error("invalid_request")
         replies.append(protocol.error_reply(
             request_id, "binary frames are not supported: send the request as a text frame"))
 
@@ -347,11 +371,17 @@ class Service:
         s, samples = self.stats, self.stats.take_latencies()
         cache = getattr(self.book.cache, "hits", 0), getattr(self.book.cache, "misses", 0)
         return (f"requests={s.requests} replies={s.replies} errors={s.errors} "
-                f"skipped={s.skipped} p50_ms={percentile(samples, 0.5) * 1000:.2f} "
-                f"p99_ms={percentile(samples, 0.99) * 1000:.2f} connects={s.connects} "
+                f"skipped={s.skipped} p50_ms={_ms(percentile(samples, 0.5))} "
+                f"p99_ms={_ms(percentile(samples, 0.99))} connect_attempts={s.connect_attempts} "
+                f"connect_failures={s.connect_failures} connects={s.connects} "
                 f"reconnects={s.reconnects} redelivered={s.redelivered} dropped={s.dropped} "
                 f"in_flight={len(self.waiting)} memory_hits={self.book.memory_hits} "
                 f"cache_hits={cache[0]} cache_misses={cache[1]} rate_api_calls={self.book.api_calls}")
+
+
+def _ms(seconds):
+    """Seconds as milliseconds for the summary; ``-`` when there is no figure."""
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
 
 
 class Session:
