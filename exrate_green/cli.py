@@ -50,7 +50,13 @@ Options:
   -h --help           Show this help.
   --version           Show the version.
 
-Exit codes: 0 done, 1 failed, 2 bad usage or configuration.
+Exit codes:
+  0       done (a stop by SIGTERM or SIGINT included)
+  1       failed
+  2       bad usage or configuration (one line on stderr says which)
+  3       stalled: the connection's reader or heartbeat made no progress for
+          EXRATE_STALL_EXIT seconds (30), so the platform restarts the process
+  128+N   a second signal N during shutdown: exit at once (130 for Ctrl-C, 143 for SIGTERM)
 """
 
 import datetime
@@ -68,8 +74,12 @@ from .config import Settings
 from .errors import ConfigError, ProtocolError, RateError
 from .redact import RedactingFormatter
 from .runtime import Runtime
+from .usage import HELP_POINTER, usage_problem
 
 log = logging.getLogger("exrate_green")
+
+#: the access key ``demo`` gives its fake exchangerate.host when the user has none
+DEMO_ACCESS_KEY = "demo-access-key"
 
 
 def main(argv=None):
@@ -78,16 +88,24 @@ def main(argv=None):
     try:
         args = docopt(__doc__, argv, version=f"exrate-service {__version__}")
     except DocoptExit as e:
-        print(str(e), file=sys.stderr)
+        print(f"exrate-service: {usage_problem(__doc__, argv, str(e.code))} ({HELP_POINTER})",
+              file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version print, then "exit"
         return e.code or 0
+    flags = {
+        "url": args["--url"], "provider": args["--provider"] and args["--provider"].lower(),
+        "cache_dir": args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
+        "log_level": args["--log-level"] and args["--log-level"].upper(),
+        "show_messages": True if args["--show-messages"] else None}
+    if args["demo"] and not os.environ.get("EXCHANGE_ACCESS_KEY"):
+        # The demo's fake rate API takes any key: the demo supplies one, so every provider
+        # runs offline; without a key of the user's, ecb stays the default.
+        flags["access_key"] = DEMO_ACCESS_KEY
+        if not flags["provider"] and not os.environ.get("EXRATE_PROVIDER"):
+            flags["provider"] = "ecb"
     try:
-        settings = Settings.load(
-            url=args["--url"], provider=args["--provider"] and args["--provider"].lower(),
-            cache_dir=args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
-            log_level=args["--log-level"] and args["--log-level"].upper(),
-            show_messages=True if args["--show-messages"] else None)
+        settings = Settings.load(**flags)
     except ConfigError as e:
         print(f"exrate-service: configuration error: {e}", file=sys.stderr)
         return 2
