@@ -10,7 +10,15 @@ import pytest
 from exrate_green.simulator import FakeRateApi, Upstream
 
 from .support import (
-    BIN, FAST_BEATS, ROOT, run_service, running_service, service_env, start_service, wait_until)
+    BIN,
+    FAST_BEATS,
+    ROOT,
+    run_service,
+    running_service,
+    service_env,
+    start_service,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
