@@ -2,6 +2,7 @@
 into a fresh venv, the command from another directory, and the Procfile run by honcho."""
 
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -81,6 +82,18 @@ def test_the_pins_that_apply_here_are_the_versions_installed():
             continue
         (specifier,) = pin.specifier
         assert importlib.metadata.version(pin.name) == specifier.version, name
+
+
+def test_app_json_runs_one_worker_with_redis_and_describes_every_config_var():
+    from exrate_green.config import VARIABLES
+
+    with open(ROOT / "app.json", encoding="utf-8") as f:
+        app = json.load(f)
+    assert app["formation"] == {"worker": {"quantity": 1, "size": "basic"}}
+    assert [addon["plan"].split(":")[0] for addon in app["addons"]] == ["heroku-redis"]
+    assert app["env"]["EXRATE_REDIS_VERIFY"]["value"] == "0"  # Heroku's certificate
+    described = {name for name, var in app["env"].items() if len(var["description"]) > 20}
+    assert described == set(app["env"]) == set(VARIABLES.values())  # no more, no fewer
 
 
 # -- a fresh venv ------------------------------------------------------------------------
