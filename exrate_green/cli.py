@@ -82,7 +82,7 @@ log = logging.getLogger("exrate_green")
 DEMO_ACCESS_KEY = "demo-access-key"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """The command line; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -92,7 +92,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version print, then "exit"
-        return e.code or 0
+        return e.code if isinstance(e.code, int) else 0
     flags = {
         "url": args["--url"], "provider": args["--provider"] and args["--provider"].lower(),
         "cache_dir": args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
@@ -139,7 +139,7 @@ def main(argv=None):
     return run(settings)
 
 
-def setup_logging(settings):
+def setup_logging(settings: Settings) -> None:
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
     formatter = RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -158,7 +158,7 @@ def setup_logging(settings):
         sys.stdout.reconfigure(line_buffering=True)  # platforms read logs through a pipe
 
 
-def run(settings):
+def run(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT; a second signal exits at once."""
     import gevent
 
@@ -197,9 +197,9 @@ def run(settings):
         log.info("stopped")
 
 
-def convert(settings, amount, currency, date):
+def convert(settings: Settings, amount: str, currency: str, date: str | None) -> int:
     """Print one conversion computed exactly as the service computes a reply."""
-    today = datetime.datetime.now(datetime.timezone.utc).date()
+    today = datetime.datetime.now(datetime.UTC).date()
     try:
         stake = protocol.read_stake(Decimal(amount))
         code = protocol.read_currency(currency)
@@ -219,6 +219,7 @@ def convert(settings, amount, currency, date):
     finally:
         runtime.close()
     print(f"{stake} {code} = {stake_eur} EUR on {day.isoformat()} "
-          f"(rate {rate} {code}/EUR, {table.provider} publication of {table.published.isoformat()})")
+          f"(rate {rate} {code}/EUR, {table.provider} publication of "
+          f"{table.published.isoformat()})")
     return 0
 
