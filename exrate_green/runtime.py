@@ -4,18 +4,11 @@
 so that none of them imports another to get it (no import cycles).
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .config import Settings
-
 
 class Runtime:
     """The rate machinery a command needs, closed in reverse order of opening."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings):
         from .cache import TableCache
         from .rates.book import RateBook
         from .rates.http import HttpClient
@@ -29,7 +22,7 @@ class Runtime:
         self.book = RateBook(self.provider, self.cache, ttl_s=settings.cache_ttl_s,
                              wait_s=settings.http_timeout_s + 2)
 
-    def close(self) -> None:
+    def close(self):
         self.book.close()
         self.cache.close()
         self.provider.close()
