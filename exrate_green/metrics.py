@@ -38,8 +38,9 @@ log = logging.getLogger("exrate_green.metrics")
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
-#: circuit-breaker states, exported as one 0/1 series each per provider
-BREAKER_STATES = ("closed", "open", "half_open")
+#: circuit-breaker states, exported as one 0/1 series each per provider ("probing": the
+#: cool-down is over and one call is let through)
+BREAKER_STATES = ("closed", "open", "probing")
 
 
 class ServiceCollector(Collector):
@@ -147,22 +148,11 @@ class ServiceCollector(Collector):
 
     def _rates(self) -> Iterator[Metric]:
         book = self.service.book
-        calls = CounterMetricFamily("exrate_rate_api_calls",
-                                    "Calls to a rate API, by provider.", labels=["provider"])
-        for provider, count in _by_provider(book, "api_calls"):
-            calls.add_metric([provider], count)
-        yield calls
-        failures = CounterMetricFamily(
-            "exrate_rate_api_failures", "Rate API calls that failed, by provider.",
-            labels=["provider"])
-        for provider, count in _by_provider(book, "api_failures"):
-            failures.add_metric([provider], count)
-        yield failures
-        stale = getattr(book, "stale_served", None)
-        if stale is not None:
-            yield _counter("exrate_stale_tables_served",
-                           "Stale tables used because their provider failed (stale-if-error).",
-                           stale)
+        for name, what, documentation in _PROVIDER_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=["provider"])
+            for provider, count in _by_provider(book, what):
+                family.add_metric([provider], count)
+            yield family
         states = GaugeMetricFamily(
             "exrate_circuit_breaker_state",
             "1 for the provider's current circuit-breaker state, 0 for the others.",
@@ -177,12 +167,17 @@ class ServiceCollector(Collector):
                                    labels=["tier"])
         misses = CounterMetricFamily("exrate_cache_misses",
                                      "Rate-table lookups not answered, by tier.", labels=["tier"])
-        for tier, hit, miss in _tiers(self.service.book):
-            hits.add_metric([tier], hit)
-            if miss is not None:
-                misses.add_metric([tier], miss)
+        errors = CounterMetricFamily("exrate_cache_errors",
+                                     "Cache operations that failed (counted as misses), by tier.",
+                                     labels=["tier"])
+        for tier, counts in _tiers(self.service.book):
+            for family, key in ((hits, "hits"), (misses, "misses"), (errors, "errors")):
+                count = counts.get(key)
+                if count is not None:
+                    family.add_metric([tier], count)
         yield hits
         yield misses
+        yield errors
 
 
 def _counter(name: str, documentation: str, value: float) -> Metric:
@@ -193,38 +188,49 @@ def _gauge(name: str, documentation: str, value: float) -> Metric:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _by_provider(book: Any, what: str) -> Iterable[tuple[str, int]]:
-    """``(provider, count)`` for ``what`` (``api_calls`` or ``api_failures``).
+#: (metric, the provider lane's counter, help) for the per-provider counters
+_PROVIDER_COUNTERS = (
+    ("exrate_rate_api_calls", "attempts", "HTTP requests to a rate API (retries included)."),
+    ("exrate_rate_fetches", "fetches", "Table fetches (a day or a month; retries included)."),
+    ("exrate_rate_api_failures", "failures", "Table fetches that failed."),
+    ("exrate_stale_tables_served", "stale_served",
+     "Requests answered from a stale table because its provider failed (stale-if-error)."),
+)
 
-    A book that counts per provider keeps ``<what>_by_provider`` (a mapping); one that
-    serves a single provider keeps a plain ``<what>`` count.
+
+def _by_provider(book: Any, what: str) -> Iterable[tuple[str, int]]:
+    """``(provider, count)`` of the counter ``what`` of each provider's lane.
+
+    A book without lanes (one provider, counted on the book) has only ``api_calls``.
     """
-    by_provider = getattr(book, f"{what}_by_provider", None)
-    if by_provider is not None:
-        return sorted(dict(by_provider).items())
-    count = getattr(book, what, None)
-    provider = getattr(getattr(book, "provider", None), "name", "unknown")
-    return [] if count is None else [(provider, count)]
+    lanes = getattr(book, "lanes", None)
+    if lanes is not None:
+        return [(name, getattr(lane, what)) for name, lane in lanes.items()
+                if hasattr(lane, what)]
+    if what != "attempts" or not hasattr(book, "api_calls"):
+        return []
+    return [(getattr(book.provider, "name", "unknown"), book.api_calls)]
 
 
 def _breaker_states(book: Any) -> Iterable[tuple[str, str]]:
     """``(provider, state)`` for every provider with a circuit breaker."""
-    states = getattr(book, "breaker_states", None)
-    if callable(states):
-        return sorted(states().items())
-    return []
+    lanes = getattr(book, "lanes", None) or {}
+    return [(name, lane.breaker.state) for name, lane in lanes.items()
+            if getattr(lane, "breaker", None) is not None]
 
 
-def _tiers(book: Any) -> Iterable[tuple[str, int, int | None]]:
-    """``(tier, hits, misses)``: the book's memory front, then each tier of its cache."""
-    rows: list[tuple[str, int, int | None]] = [
-        ("memory", getattr(book, "memory_hits", 0), getattr(book, "memory_misses", None))]
+def _tiers(book: Any) -> Iterable[tuple[str, Mapping[str, int | None]]]:
+    """``(tier, {"hits": n, "misses": n, "errors": n})``: the book's memory front, then each
+    tier of its cache (a count it does not keep is missing)."""
+    rows: list[tuple[str, Mapping[str, int | None]]] = [
+        ("memory", {"hits": getattr(book, "memory_hits", 0)})]
     cache = getattr(book, "cache", None)
     tier_counts = getattr(cache, "tier_counts", None)
     if callable(tier_counts):
-        rows += [(tier, hit, miss) for tier, (hit, miss) in tier_counts().items()]
+        rows += list(tier_counts().items())
     elif cache is not None and hasattr(cache, "hits"):
-        rows.append(("disk", cache.hits, getattr(cache, "misses", None)))
+        rows.append(("disk", {"hits": cache.hits, "misses": getattr(cache, "misses", None),
+                              "errors": getattr(cache, "errors", None)}))
     return rows
 
 
