@@ -94,9 +94,15 @@ def _masked_text(payload: bytes, key: bytes) -> bytes:
     length = len(payload)
     if length < 126:
         head = bytes((0x81, 0x80 | length))
+    elif length < 65536:
+        head = _TEXT_16(0x81, 0xFE, length)
     else:
-        head = build_header(OP_TEXT, length, masked=True)
+        head = _TEXT_64(0x81, 0xFF, length)
     return head + key + apply_mask(key, payload)
+
+
+_TEXT_16 = struct.Struct("!BBH").pack
+_TEXT_64 = struct.Struct("!BBQ").pack
 
 
 def build_close_payload(code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
