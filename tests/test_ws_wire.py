@@ -305,3 +305,20 @@ def test_python_websockets_closing_with_a_code_gets_it_echoed_once(websockets_up
     assert "error" not in seen, seen
     assert ended.reason == f"upstream sent close frame {code} (closing with {code})"
     assert conn.closed
+
+
+@pytest.mark.timeout(10)
+def test_a_violation_from_a_peer_that_stopped_reading_ends_the_connection_in_bounded_time(peer):
+    conn = connect(peer)
+    conn.close_wait_s = 0.3
+    writer = gevent.spawn(conn.send, [b"x" * (32 << 20)])  # blocks: the peer reads nothing
+    gevent.sleep(0.1)
+    assert not writer.ready()
+    peer.sock.sendall(bytes((0x83, 0)))  # reserved opcode
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed) as ended:
+        conn.receive()
+    assert ended.value.code == 1002
+    assert time.monotonic() - started < 1.0
+    writer.join(timeout=1)
+    assert isinstance(writer.exception, ConnectionClosed)  # the write woke with an error
