@@ -4,7 +4,8 @@
 frames (which must not be masked), role ``"server"`` reads client frames (which must be).
 ``feed(data)`` returns the events of every complete frame held so far, as 2-tuples:
 
-    ("text", bytes)          a complete text message, UTF-8 checked, fragments joined
+    ("text", bytes)          a complete text message, fragments joined, UTF-8 checked
+                             as its bytes arrive (a bad byte fails before the message ends)
     ("binary", bytes)        a complete binary message, fragments joined
     ("oversize", int)        a message over ``max_message_bytes`` (its size so far); its
                              bytes are discarded as they arrive, never buffered
