@@ -311,7 +311,9 @@ def test_python_websockets_closing_with_a_code_gets_it_echoed_once(websockets_up
 def test_a_violation_from_a_peer_that_stopped_reading_ends_the_connection_in_bounded_time(peer):
     conn = connect(peer)
     conn.close_wait_s = 0.3
-    writer = gevent.spawn(conn.send, [b"x" * (32 << 20)])  # blocks: the peer reads nothing
+    # 24 MiB, more than the socket buffers hold: the write blocks, the peer reads nothing.
+    # In 1 MiB messages: masking a single 24 MiB one would hold the hub too long.
+    writer = gevent.spawn(conn.send, [b"x" * (1 << 20)] * 24)
     gevent.sleep(0.1)
     assert not writer.ready()
     peer.sock.sendall(bytes((0x83, 0)))  # reserved opcode
