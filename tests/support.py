@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gevent
 
-from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
+from exrate_green.runtime import Runtime
 from exrate_green.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,4 +24,4 @@ def __getattr__(name):
     return getattr(importlib.import_module(module, __name__), name)
 
 
-__all__ = ["FIRST_DAY", "RateTable", *_LAZY]
+__all__ = ["FIRST_DAY", "RateTable", *_LAZY]  # noqa: PLE0604  (_LAZY's keys: strings)
