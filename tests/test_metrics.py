@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from exrate_green.metrics import MetricsServer
-from exrate_green.simulator import Upstream
+from exrate_green.simulator import FakeRateApi, Upstream
 
 from .support import FAST_BEATS, running_service, service_env, start_service, wait_until
 
@@ -66,6 +66,27 @@ def test_the_scraped_figures_match_what_the_simulator_saw(tmp_path):
     assert figures[("exrate_cache_hits_total", (("tier", "memory"),))] > 0
     assert figures[("exrate_dropped_replies_total", ())] == 0
     assert figures[("process_resident_memory_bytes", ())] > 0
+
+
+def test_rate_api_calls_are_counted_by_provider_as_the_api_saw_them(tmp_path):
+    with FakeRateApi() as api, Upstream(heartbeat_interval_s=0.2) as up, \
+            running_service(up.url, tmp_path, provider="frankfurter",
+                            frankfurter_url=api.frankfurter_url, **FAST_BEATS) as service:
+        server = MetricsServer(service, 0, host="127.0.0.1").start()
+        try:
+            assert up.wait_for_connections(1, 5)
+            for months in ((3, 4, 5), (5,)):  # then May again: from memory
+                ids = [up.send_request({"marketId": 1, "selectionId": 2, "odds": 2.5,
+                                        "stake": 10, "currency": "USD",
+                                        "date": f"2021-0{month}-18"}) for month in months]
+                assert all(up.wait_for_reply(rid, 10) for rid in ids)
+            figures = scrape(server.port)
+        finally:
+            server.stop()
+    assert api.calls >= 1
+    assert figures[("exrate_rate_api_calls_total", (("provider", "frankfurter"),))] == api.calls
+    hits = figures[("exrate_cache_hits_total", (("tier", "memory"),))]
+    assert hits >= 1
 
 
 def test_healthz_is_200_while_connected_and_503_with_a_reason_once_heartbeats_stop(tmp_path):

@@ -158,6 +158,12 @@ def test_pip_install_gives_a_working_command_from_any_directory(installed, tmp_p
 def test_the_console_script_patches_ssl_and_socket_before_anything_imports_them(installed,
                                                                                 tmp_path):
     venv, _ = installed
+    # python -m imports the package first: it must not pull in ssl or socket itself
+    bare = subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import sys, exrate_green; print(sorted({'ssl', 'socket'} & "
+                           "set(sys.modules)))"], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=60)
+    assert bare.stdout.strip() == "[]", bare.stdout + bare.stderr
     probe = ("import exrate_green.__main__, gevent.monkey, ssl, socket; "
              "print(gevent.monkey.is_module_patched('ssl'), "
              "gevent.monkey.is_module_patched('socket'))")
