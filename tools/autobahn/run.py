@@ -209,7 +209,7 @@ def print_text(summary: dict[str, Any], header: str) -> None:
 
 def provenance() -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True, timeout=10,
                                 check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -255,6 +255,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--perf-message-bytes", type=int, default=32 << 20,
                         help="the client's message limit for group 9 (16 MiB messages)")
     parser.add_argument("--json", action="store_true", help="print JSON, not tables")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="print the tables of the reports already in --outdir; run nothing")
     return parser.parse_args(argv)
 
 
@@ -269,13 +271,33 @@ def clear_reports(outdir: Path) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if not PY27.exists():
-        print(f"no fuzzingserver at {PY27}: run tools/autobahn/install.sh first", file=sys.stderr)
-        return 2
     outdir = args.outdir.resolve()
+    facts = provenance() | {"groups": args.groups}
+    if not args.tables_only:
+        if not PY27.exists():
+            print(f"no fuzzingserver at {PY27}: run tools/autobahn/install.sh first",
+                  file=sys.stderr)
+            return 2
+        started = time.monotonic()
+        run_suite(outdir, args)
+        facts["wall_s"] = round(time.monotonic() - started)
+        (outdir / "run.json").write_text(json.dumps(facts, indent=2))
+    else:
+        facts = json.loads((outdir / "run.json").read_text())
+    summary = summarize(outdir, args.agents)
+    if args.json:
+        print(json.dumps({"run": facts, "agents": summary}, indent=2))
+    else:
+        print_text(summary, f"Autobahn testsuite, groups {', '.join(map(str, facts['groups']))}: "
+                            f"exrate-green {facts['commit']}, {facts['date']}, "
+                            f"{facts['machine']}, {facts['wall_s']} s")
+    return 0
+
+
+def run_suite(outdir: Path, args: argparse.Namespace) -> None:
+    """Fresh reports in outdir: server up, every agent's cases, server down."""
     clear_reports(outdir)
     port = free_port()
-    started = time.monotonic()
     server = start_server(write_spec(outdir, port, args.groups), port,
                           outdir / "fuzzingserver.log")
     try:
@@ -283,15 +305,6 @@ def main(argv: list[str]) -> int:
             run_agent(agent, port, args.groups, args)
     finally:
         stop_server(server)
-    summary = summarize(outdir, args.agents)
-    facts = provenance() | {"groups": args.groups, "wall_s": round(time.monotonic() - started)}
-    if args.json:
-        print(json.dumps({"run": facts, "agents": summary}, indent=2))
-    else:
-        print_text(summary, f"Autobahn testsuite, groups {', '.join(map(str, args.groups))}: "
-                            f"exrate-green {facts['commit']}, {facts['date']}, "
-                            f"{facts['machine']}, {facts['wall_s']} s")
-    return 0
 
 
 if __name__ == "__main__":
