@@ -263,7 +263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def clear_reports(outdir: Path) -> None:
     """Reports of an earlier run would mix into this one's index.json."""
     if outdir.exists():
-        if not (outdir / "index.json").exists() and any(outdir.iterdir()):
+        ours = (outdir / "index.json").exists() or (outdir / "fuzzingserver-spec.json").exists()
+        if not ours and any(outdir.iterdir()):
             raise SystemExit(f"{outdir} holds something other than Autobahn reports")
         shutil.rmtree(outdir)
     outdir.mkdir(parents=True)
