@@ -59,7 +59,7 @@ class Connection:
     def open(cls, url: str, *, timeout_s: float, ca_file: str | None = None,
              max_frame_bytes: int = 1 << 20) -> "Connection":
         """Connect and shake hands within ``timeout_s`` seconds; certificates are verified."""
-        sslopt = {"cert_reqs": ssl.CERT_REQUIRED}
+        sslopt: dict[str, object] = {"cert_reqs": ssl.CERT_REQUIRED}
         if ca_file:
             sslopt["ca_certs"] = ca_file
         try:
@@ -68,12 +68,14 @@ class Connection:
                 enable_multithread=False)
         except (websocket.WebSocketException, OSError) as e:
             raise ConnectionClosed(f"cannot connect to {url}: {_describe(e)}") from e
-        conn.sock.settimeout(None)  # liveness is the watchdog's job, not a socket timeout
-        return cls(conn.sock, max_frame_bytes)
+        sock = conn.sock
+        assert sock is not None  # create_connection returns a connected WebSocket
+        sock.settimeout(None)  # liveness is the watchdog's job, not a socket timeout
+        return cls(sock, max_frame_bytes)
 
     # -- reading -------------------------------------------------------------------------
 
-    def receive(self) -> list:
+    def receive(self) -> list[ws.Event]:
         """The data events of the next batch of frames (at least one); blocks until there
         is one. Raises ``ConnectionClosed`` (``ProtocolViolation``) when the link ends."""
         while True:

@@ -21,6 +21,7 @@ Building (``frames``):
 Reading:
     parse_close_payload(payload) -> Close(code, reason) | Violation(code, reason)
     is_valid_close_code(code) -> bool   (1000-1003, 1007-1014, 3000-4999)
+    Event = tuple[str, Any]   the (kind, detail) pairs below
     Parser(role, max_message_bytes=1 MiB)   role "client" reads server frames,
                                             role "server" reads client frames
         .feed(data: bytes) -> list of events (2-tuples):
@@ -72,7 +73,7 @@ from .frames import (
     is_valid_close_code,
     parse_close_payload,
 )
-from .parser import Parser
+from .parser import Event, Parser
 
 __all__ = [
     "CLOSE_ABNORMAL",
@@ -94,6 +95,7 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Close",
+    "Event",
     "Parser",
     "Violation",
     "apply_mask",

@@ -18,6 +18,7 @@ reported as soon as its header arrives, whatever follows.
 """
 
 import codecs
+from typing import Any
 
 from .frames import (
     CLOSE_INVALID_DATA,
@@ -38,6 +39,7 @@ ROLES = ("client", "server")
 _DATA_KINDS = {OP_TEXT: "text", OP_BINARY: "binary"}
 _CONTROL_KINDS = {OP_PING: "ping", OP_PONG: "pong"}
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+Event = tuple[str, Any]  # (kind, bytes | int | Close | Violation): see the module docstring
 
 
 class Parser:
@@ -66,14 +68,14 @@ class Parser:
         """Bytes held: an incomplete frame, plus the fragments of a message in progress."""
         return len(self._buf) + (len(self._message) if self._message is not None else 0)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Event]:
         """The events of every frame completed by ``data`` (see the module docstring)."""
         self.controls = 0
         if self.done:
             return []
         buf = self._buf
         buf += data
-        events = []
+        events: list[Event] = []
         pos, end = 0, len(buf)
         masked, max_bytes = self._masked, self.max_message_bytes
         while True:
