@@ -176,16 +176,20 @@ class Connection:
             self.violation = detail
             cause = (f"protocol violation by upstream: {detail.reason}; "
                      f"failed the connection with close {detail.code}")
-            self._send_close(detail.code, detail.reason, cause)
             error = ProtocolViolation(cause, detail.code)
+            answer = (detail.code, detail.reason)
         else:
             # repr escapes line breaks: the reason is logged, it must not forge log lines
             reason = repr(detail.reason[:123])[1:-1]
             cause = f"upstream sent close frame {detail.code}" + (f" ({reason})" if reason else "")
-            echo = ws.CLOSE_NORMAL if detail.code == ws.CLOSE_NO_STATUS else detail.code
-            self._send_close(echo, "", cause)  # skipped when it answers our own close
             error = ConnectionClosed(cause)
-        self._await_server_close()
+            # echo its code (none: 1000); skipped when it answers our own close frame
+            answer = (ws.CLOSE_NORMAL if detail.code == ws.CLOSE_NO_STATUS else detail.code, "")
+        # Bounded as a whole: a peer that stopped reading cannot hold our close frame's
+        # write, nor a peer that keeps the TCP connection open hold the reader.
+        with gevent.Timeout(self.close_wait_s, False):
+            self._send_close(*answer, cause)
+            self._await_server_close()
         self.abort()
         return error
 
@@ -202,13 +206,12 @@ class Connection:
                 pass
 
     def _await_server_close(self):
-        """Read and discard until the server closes TCP, for at most ``close_wait_s``."""
+        """Read and discard until the server closes TCP (the caller bounds the wait)."""
         if self.closed:
             return
         try:
-            with gevent.Timeout(self.close_wait_s, False):
-                while self.sock.recv(RECV_BYTES):
-                    pass
+            while self.sock.recv(RECV_BYTES):
+                pass
         except (OSError, ValueError):
             pass
 

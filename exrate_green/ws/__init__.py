@@ -26,7 +26,8 @@ Reading:
                                             role "server" reads client frames
         .feed(data: bytes) -> list of events (2-tuples):
             ("text", bytes) ("binary", bytes)   complete messages, fragments joined,
-                                                text checked as UTF-8 (fails fast on fragments)
+                                                text checked as UTF-8, failing fast: a bad
+                                                byte fails before its frame or message ends
             ("oversize", int)                   a message over max_message_bytes, discarded
                                                 as it arrives, never buffered
             ("ping", bytes) ("pong", bytes)
