@@ -87,11 +87,10 @@ class ServiceCollector(Collector):
         yield _counter("exrate_dropped_replies",
                        "Replies dropped: no connection within the redelivery window, or "
                        "abandoned at shutdown.", stats.dropped)
-        lost = getattr(stats, "possibly_lost", None)
-        if lost is not None:
-            yield _counter("exrate_possibly_lost_replies",
-                           "Replies written but maybe never delivered (the connection died "
-                           "with them unacknowledged).", lost)
+        for name, attribute, documentation in _OPTIONAL_STATS:
+            value = getattr(stats, attribute, None)
+            if value is not None:
+                yield _counter(name, documentation, value)
         waiting = getattr(self.service, "waiting", None)
         if waiting is not None:
             yield _gauge("exrate_in_flight", "Conversions waiting for a rate table.",
@@ -178,6 +177,17 @@ class ServiceCollector(Collector):
         yield hits
         yield misses
         yield errors
+
+
+#: (metric, ``Stats`` attribute, help) of counters the service may keep
+_OPTIONAL_STATS = (
+    ("exrate_delivered_replies", "delivered",
+     "Replies whose bytes the upstream's TCP acknowledged."),
+    ("exrate_possibly_lost_replies", "possibly_lost",
+     "Replies written but never acknowledged, and not sent again (shutdown, or too old)."),
+    ("exrate_backpressure_waits", "backpressure_waits",
+     "Times the reader stopped reading until a waiting conversion made room."),
+)
 
 
 def _counter(name: str, documentation: str, value: float) -> Metric:
