@@ -14,7 +14,7 @@ import pytest
 import websocket
 
 from exrate_green.simulator import Upstream
-from exrate_green.simulator.upstream import MARKET_SELECTIONS
+from exrate_green.simulator.traffic import MARKET_SELECTIONS
 
 pytestmark = pytest.mark.timeout(30)
 

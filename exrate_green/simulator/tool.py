@@ -40,7 +40,7 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from .fake_rates import FAULT_MODES, FakeRateApi
-from .upstream import Upstream
+from .server import Upstream
 
 log = logging.getLogger(__name__)
 
