@@ -8,13 +8,13 @@ requests) in a ``Group`` it kills when the connection ends. It reads the owning
 
 import logging
 import random
-import struct
 import time
 from typing import TYPE_CHECKING
 
 import gevent
 import gevent.pool
 
+from .. import ws
 from .judging import HEARTBEAT_FRAME, describe
 from .samples import BeatClock
 from .traffic import HEARTBEAT, Pacer, encode_auto_requests
@@ -109,39 +109,54 @@ class Peer:
         return True
 
     def read_job(self) -> None:
-        """Judge every message the client sends until it closes or the socket ends."""
+        """Judge every message the client sends until it closes, breaks the protocol or
+        the socket ends."""
         up, wire, judge = self.up, self.wire, self.up.judge
         while True:
             if up.slow_until and time.monotonic() < up.slow_until:
                 gevent.sleep(self.SLOW_READ_PAUSE_S)
-                frames = wire.recv_batch(self.SLOW_READ_BYTES)
+                events = wire.recv_batch(self.SLOW_READ_BYTES)
             else:
-                frames = wire.recv_batch()
-            if frames is None:
+                events = wire.recv_batch()
+            if events is None:
                 return
             t, wall = time.monotonic(), time.time()   # when this batch arrived
-            for opcode, data in frames:
-                if opcode == WsWire.CLOSE:
-                    self.on_client_close(data)
-                    return
+            for kind, value in events:
                 try:
-                    if opcode == WsWire.BINARY:
-                        judge.on_binary(data)
-                    elif judge.on_text(self.number, data, t, wall) == HEARTBEAT_FRAME:
-                        up.heartbeats.beat(self.beats, t)
+                    if kind == "text":
+                        if judge.on_text(self.number, value, t, wall) == HEARTBEAT_FRAME:
+                            up.heartbeats.beat(self.beats, t)
+                    elif kind == "binary":
+                        judge.on_binary(value)
+                    elif kind == "oversize":
+                        judge.problem(f"message of {value} bytes, over the simulator's limit")
+                    elif kind == "close":
+                        self.on_client_close(value)
+                    else:
+                        self.on_violation(value)
                 except Exception as e:  # a simulator bug must not end the connection
                     log.exception("upstream: error handling a frame")
-                    judge.problem(f"simulator error on frame {describe(data)!r}: {e!r}")
+                    judge.problem(f"simulator error on frame {describe(value)!r}: {e!r}")
             up.notify()
 
-    def on_client_close(self, data: bytes) -> None:
+    def on_client_close(self, close: ws.Close) -> None:
         """Record the client's close frame and, if it started the closing handshake,
         answer it (once: never a close after ours)."""
-        code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
-        self.up.record_client_close(code, data[2:].decode("utf-8", "replace"))
+        code = None if close.code == ws.CLOSE_NO_STATUS else close.code
+        self.up.record_client_close(code, close.reason)
         if not self.closing:
             self.closing = True
             try:
-                self.wire.send_close(code if code is not None else 1000, "")
+                self.wire.send_close(code if code is not None else ws.CLOSE_NORMAL, "")
+            except WireClosed:
+                pass
+
+    def on_violation(self, violation: ws.Violation) -> None:
+        """The client broke RFC 6455: a problem; fail the connection with its close code."""
+        self.up.judge.problem(f"protocol violation by the client: {violation.reason}")
+        if not self.closing:
+            self.closing = True
+            try:
+                self.wire.send_close(violation.code, violation.reason)
             except WireClosed:
                 pass
