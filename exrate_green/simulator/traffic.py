@@ -46,7 +46,9 @@ HEARTBEAT = b'{"type":"heartbeat"}'
 KEPT_AS_IS = ("stake", "currency", "date")
 
 #: the frames ``Upstream.send_garbage`` sends in turn: ("text" | "binary", frame) for frames
-#: that carry no id, ("request", raw payload) for requests with an id and a bad payload
+#: that carry no id, ("request", raw payload) for requests with an id and a bad payload.
+#: Bad input, never a breach of RFC 6455 (invalid UTF-8 text is one: a client must fail
+#: the connection with 1007; ``send_raw`` and ``send_wire`` send such frames).
 GARBAGE = (
     ("text", b"not json"),
     ("request", b'{"stake":NaN,"currency":"USD","date":"2021-05-18T10:00:00.000Z"}'),
@@ -56,7 +58,7 @@ GARBAGE = (
     ("request", b'{"stake":12,"currency":"US","date":"2021-05-18T10:00:00.000Z"}'),
     ("binary", b"\x00\xff\x10 binary garbage"),
     ("request", b'{"stake":12,"currency":"USD","date":"2021-13-45"}'),
-    ("text", b"\xff\xfe\xfd not UTF-8"),
+    ("text", "«ünïcødé» but not JSON".encode()),
     ("request", b'{"currency":"USD","date":"2021-05-18T10:00:00.000Z"}'),
     ("text", b"[" * 10_000 + b"]" * 10_000),
     ("request", b'{"stake":1e999,"currency":"USD","date":"2021-05-18T10:00:00.000Z"}'),
