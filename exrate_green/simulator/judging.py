@@ -183,9 +183,10 @@ class Judge:
         date = payload.get("date")
         good, epoch = self._good_date
         if date != good:
-            epoch = reply_date_epoch(date)
-            if epoch is None:
+            parsed = reply_date_epoch(date)
+            if parsed is None:
                 return False
+            epoch = parsed
             self._good_date = (date, epoch)
         tolerance = self.reply_date_tolerance_s
         return tolerance is None or abs(wall - epoch) <= tolerance

@@ -33,9 +33,9 @@ class Ledger:
             raise ValueError("the id window is a power of two")
         self.window = window
         self.max_pending = max_pending
-        self._mask = window - 1
-        self._state = bytearray(window)                # auto id & mask -> state
-        self._conn = array("I", bytes(4 * window))     # auto id & mask -> connection number
+        self._slot_mask = window - 1
+        self._state = bytearray(window)                # slot of an auto id -> its state
+        self._conn = array("I", bytes(4 * window))     # slot -> the connection it was sent on
         self._explicit: collections.OrderedDict = collections.OrderedDict()  # id -> [state, conn]
         self.next_id = 1
         self.pending: dict[Any, Entry] = {}
@@ -76,7 +76,7 @@ class Ledger:
         """``rid`` was sent on connection ``conn_number`` at ``t_sent``; a reply must match
         ``expected`` (a Template, a payload, or None for nothing to compare)."""
         if auto:
-            slot = rid & self._mask
+            slot = rid & self._slot_mask
             self._state[slot] = self.PENDING
             self._conn[slot] = conn_number
         else:
@@ -90,10 +90,10 @@ class Ledger:
     def register_many(self, ids: Iterable[int], expected: Iterable[Any], conn_number: int,
                       t_sent: float) -> None:
         """``register`` for ids from ``allocate_many``, all sent at ``t_sent``."""
-        state, conns, mask, pending = self._state, self._conn, self._mask, self.pending
+        state, conns, slot_mask, pending = self._state, self._conn, self._slot_mask, self.pending
         n = 0
         for rid, payload in zip(ids, expected):
-            slot = rid & mask
+            slot = rid & slot_mask
             state[slot] = self.PENDING
             conns[slot] = conn_number
             pending[rid] = (payload, t_sent, conn_number)
@@ -120,7 +120,7 @@ class Ledger:
         if entry is not None:
             entry[0] = state
         elif self._in_window(rid):
-            self._state[rid & self._mask] = state
+            self._state[rid & self._slot_mask] = state
 
     def unregister(self, rid: Any) -> None:
         """The send of ``rid`` failed: as if it had never been registered."""
@@ -130,8 +130,8 @@ class Ledger:
         if rid in self._explicit:
             del self._explicit[rid]
         elif self._in_window(rid):
-            self._state[rid & self._mask] = self.NONE
-            self._conn[rid & self._mask] = 0
+            self._state[rid & self._slot_mask] = self.NONE
+            self._conn[rid & self._slot_mask] = 0
 
     # -- replies
     def state(self, rid: Any) -> int:
@@ -144,7 +144,7 @@ class Ledger:
             return entry[0]
         if not self._is_auto(rid):
             return self.NONE
-        return self._state[rid & self._mask] if self._in_window(rid) else self.FORGOTTEN
+        return self._state[rid & self._slot_mask] if self._in_window(rid) else self.FORGOTTEN
 
     def take(self, rid: Any) -> Entry | None:
         """The pending entry of ``rid``, now answered; None if ``rid`` is not pending."""
@@ -178,7 +178,7 @@ class Ledger:
         if found is not None:
             return found[2]
         if self._is_auto(rid) and self._in_window(rid):
-            return self._conn[rid & self._mask] or None
+            return self._conn[rid & self._slot_mask] or None
         return None
 
     def pending_on_other_connections(self, live: Iterable[int]) -> int:

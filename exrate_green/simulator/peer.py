@@ -60,6 +60,8 @@ class Peer:
     def heartbeat_job(self) -> None:
         """A heartbeat now and every ``heartbeat_interval_s``, on a drift-free schedule."""
         up, interval = self.up, self.up.heartbeat_interval_s
+        if interval is None:   # heartbeats disabled: serve() does not start this job
+            return
         due = time.monotonic()
         while True:
             if not up.heartbeats_paused:

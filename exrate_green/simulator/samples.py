@@ -17,7 +17,7 @@ __all__ = ["BeatClock", "Heartbeats", "Reservoir"]
 class Reservoir:
     """A fixed-size uniform sample of the values ``add``-ed, their count and maximum."""
 
-    def __init__(self, size: int = 10_000, seed: object = None):
+    def __init__(self, size: int = 10_000, seed: int | str | None = None):
         if size <= 0:
             raise ValueError("a reservoir holds at least one sample")
         self.size = size
@@ -105,6 +105,6 @@ class Heartbeats:
 
     def max_gap(self, live: list[BeatClock], now: float) -> float | None:
         """The longest gap on any connection, ended or live (live ones counted to ``now``)."""
-        gaps = [self.ended_max_gap] + [clock.longest(now) for clock in live]
-        gaps = [g for g in gaps if g is not None]
+        candidates = [self.ended_max_gap] + [clock.longest(now) for clock in live]
+        gaps = [g for g in candidates if g is not None]
         return max(gaps) if gaps else None

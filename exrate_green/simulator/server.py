@@ -120,7 +120,7 @@ class Upstream:
         if self._server is not None:
             raise RuntimeError("Upstream already started")
         if self.request_rate > 0:   # ~60 ms once, rather than a slow first second of requests
-            self.maker.prepare()
+            self.maker.prepare(lambda: gevent.sleep(0))   # in slices: the hub may be shared
         self._listen()
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:

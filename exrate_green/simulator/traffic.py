@@ -9,7 +9,7 @@ one costs a few string operations: the simulator must out-run the clients it mea
 import datetime
 import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -152,14 +152,17 @@ class RequestMaker:
         return {"marketId": market_id, "selectionId": selection_id, "odds": odds,
                 "stake": stake, "currency": currency, "date": utc_ms(when)}
 
-    def prepare(self) -> None:
-        """Draw every template now (~60 ms once) rather than during the first second."""
-        self.next_templates(self.TEMPLATES)
+    def prepare(self, slice_done: Callable[[], None] = lambda: None) -> None:
+        """Draw every template now (~60 ms of CPU once) rather than during the first
+        second, calling ``slice_done()`` after each slice of 256 (to let a hub turn)."""
+        while len(self._templates) < self.TEMPLATES:
+            self.next_templates(256)
+            slice_done()
         self._turn = 0
 
     def next_templates(self, n: int) -> list[Template]:
         """``n`` request templates: fresh ones until ``TEMPLATES`` exist, then in turn."""
-        pool, out = self._templates, []
+        pool, out = self._templates, list[Template]()
         while len(pool) < self.TEMPLATES and len(out) < n:
             pool.append(Template(self.make_payload()))
             out.append(pool[-1])
