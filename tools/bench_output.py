@@ -81,7 +81,10 @@ def side_summary(rows):
     """Medians over the rounds of one side at one level (kept up: in every round)."""
     def median(key):
         values = sorted(r[key] for r in rows if r.get(key) is not None)
-        return values[len(values) // 2] if values else None
+        if not values:
+            return None
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
     summary = {key: median(key) for _, key, _ in _SIDE_FIGURES if key != "kept_up"}
     summary["kept_up"] = all(r.get("kept_up") for r in rows) if rows else None
     summary["rounds"] = len(rows)
