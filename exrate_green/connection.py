@@ -59,7 +59,7 @@ class Connection:
     def open(cls, url: str, *, timeout_s: float, ca_file: str | None = None,
              max_frame_bytes: int = 1 << 20) -> "Connection":
         """Connect and shake hands within ``timeout_s`` seconds; certificates are verified."""
-        sslopt = {"cert_reqs": ssl.CERT_REQUIRED}
+        sslopt: dict[str, object] = {"cert_reqs": ssl.CERT_REQUIRED}
         if ca_file:
             sslopt["ca_certs"] = ca_file
         try:
@@ -68,12 +68,14 @@ class Connection:
                 enable_multithread=False)
         except (websocket.WebSocketException, OSError) as e:
             raise ConnectionClosed(f"cannot connect to {url}: {_describe(e)}") from e
-        conn.sock.settimeout(None)  # liveness is the watchdog's job, not a socket timeout
-        return cls(conn.sock, max_frame_bytes)
+        sock = conn.sock
+        assert sock is not None  # create_connection returns a connected WebSocket
+        sock.settimeout(None)  # liveness is the watchdog's job, not a socket timeout
+        return cls(sock, max_frame_bytes)
 
     # -- reading -------------------------------------------------------------------------
 
-    def receive(self) -> list:
+    def receive(self) -> list[ws.Event]:
         """The data events of the next batch of frames (at least one); blocks until there
         is one. Raises ``ConnectionClosed`` (``ProtocolViolation``) when the link ends."""
         while True:
@@ -174,16 +176,20 @@ class Connection:
             self.violation = detail
             cause = (f"protocol violation by upstream: {detail.reason}; "
                      f"failed the connection with close {detail.code}")
-            self._send_close(detail.code, detail.reason, cause)
             error = ProtocolViolation(cause, detail.code)
+            answer = (detail.code, detail.reason)
         else:
             # repr escapes line breaks: the reason is logged, it must not forge log lines
             reason = repr(detail.reason[:123])[1:-1]
             cause = f"upstream sent close frame {detail.code}" + (f" ({reason})" if reason else "")
-            echo = ws.CLOSE_NORMAL if detail.code == ws.CLOSE_NO_STATUS else detail.code
-            self._send_close(echo, "", cause)  # skipped when it answers our own close
             error = ConnectionClosed(cause)
-        self._await_server_close()
+            # echo its code (none: 1000); skipped when it answers our own close frame
+            answer = (ws.CLOSE_NORMAL if detail.code == ws.CLOSE_NO_STATUS else detail.code, "")
+        # Bounded as a whole: a peer that stopped reading cannot hold our close frame's
+        # write, nor a peer that keeps the TCP connection open hold the reader.
+        with gevent.Timeout(self.close_wait_s, False):
+            self._send_close(*answer, cause)
+            self._await_server_close()
         self.abort()
         return error
 
@@ -200,13 +206,12 @@ class Connection:
                 pass
 
     def _await_server_close(self):
-        """Read and discard until the server closes TCP, for at most ``close_wait_s``."""
+        """Read and discard until the server closes TCP (the caller bounds the wait)."""
         if self.closed:
             return
         try:
-            with gevent.Timeout(self.close_wait_s, False):
-                while self.sock.recv(RECV_BYTES):
-                    pass
+            while self.sock.recv(RECV_BYTES):
+                pass
         except (OSError, ValueError):
             pass
 

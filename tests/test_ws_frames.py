@@ -280,3 +280,56 @@ def test_controls_counts_the_non_data_events_of_the_last_feed():
 def test_an_unknown_role_is_refused():
     with pytest.raises(ValueError):
         Parser("proxy")
+
+
+# -- fail fast on text that has not all arrived -------------------------------------------
+
+@BOTH
+def test_invalid_utf8_fails_before_the_rest_of_its_frame_arrives(role):
+    data = frame(role, ws.OP_TEXT, b"valid start \xf0\x28 then" + b" more" * 1000)
+    parser = Parser(role)
+    events = parser.feed(data[:40])  # the header, the bad bytes, not the rest
+    assert violation_of(events).code == 1007
+
+
+@BOTH
+def test_invalid_utf8_fails_before_a_continuation_frame_ends(role):
+    first = frame(role, ws.OP_TEXT, b"caf" + "é".encode()[:1], fin=False)
+    rest = frame(role, ws.OP_CONTINUATION, b"\x41" + b"x" * 500)  # \xc3 then A: invalid
+    parser = Parser(role)
+    assert parser.feed(first) == []
+    assert violation_of(parser.feed(rest[:20])).code == 1007
+
+
+@BOTH
+def test_valid_text_fed_in_every_split_is_delivered_whole(role):
+    text = ("€uro ünïcödé 𝄞 " * 20).encode()
+    data = (frame(role, ws.OP_TEXT, text[:7], fin=False)
+            + frame(role, ws.OP_CONTINUATION, text[7:]) + frame(role, ws.OP_TEXT, text))
+    for step in (1, 2, 3, 5, 7, 64):
+        parser, events = Parser(role), []
+        for at in range(0, len(data), step):
+            events += parser.feed(data[at:at + step])
+        assert events == [("text", text), ("text", text)], step
+
+
+def test_a_frame_started_in_the_same_feed_as_the_last_one_ended_is_checked_afresh():
+    ends_mid_character = frame("client", ws.OP_TEXT, "né".encode())
+    next_text = frame("client", ws.OP_TEXT, b"ok" * 100)
+    parser = Parser("client")
+    cut = len(ends_mid_character) - 1  # the partial check holds half of "é"
+    assert parser.feed(ends_mid_character[:cut]) == []
+    events = parser.feed(ends_mid_character[cut:] + next_text[:10])
+    assert events == [("text", "né".encode())]
+    assert parser.feed(next_text[10:]) == [("text", b"ok" * 100)]
+
+
+def test_a_frame_starting_a_feed_after_one_completed_exactly_is_checked_afresh():
+    ends_mid_character = frame("client", ws.OP_TEXT, "né".encode())
+    next_text = frame("client", ws.OP_TEXT, b"ok" * 100)
+    parser = Parser("client")
+    cut = len(ends_mid_character) - 1
+    assert parser.feed(ends_mid_character[:cut]) == []
+    assert parser.feed(ends_mid_character[cut:]) == [("text", "né".encode())]
+    assert parser.feed(next_text[:10]) == []
+    assert parser.feed(next_text[10:]) == [("text", b"ok" * 100)]

@@ -21,11 +21,13 @@ Building (``frames``):
 Reading:
     parse_close_payload(payload) -> Close(code, reason) | Violation(code, reason)
     is_valid_close_code(code) -> bool   (1000-1003, 1007-1014, 3000-4999)
+    Event = tuple[str, Any]   the (kind, detail) pairs below
     Parser(role, max_message_bytes=1 MiB)   role "client" reads server frames,
                                             role "server" reads client frames
         .feed(data: bytes) -> list of events (2-tuples):
             ("text", bytes) ("binary", bytes)   complete messages, fragments joined,
-                                                text checked as UTF-8 (fails fast on fragments)
+                                                text checked as UTF-8, failing fast: a bad
+                                                byte fails before its frame or message ends
             ("oversize", int)                   a message over max_message_bytes, discarded
                                                 as it arrives, never buffered
             ("ping", bytes) ("pong", bytes)
@@ -72,7 +74,7 @@ from .frames import (
     is_valid_close_code,
     parse_close_payload,
 )
-from .parser import Parser
+from .parser import Event, Parser
 
 __all__ = [
     "CLOSE_ABNORMAL",
@@ -94,6 +96,7 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Close",
+    "Event",
     "Parser",
     "Violation",
     "apply_mask",

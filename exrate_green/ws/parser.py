@@ -4,7 +4,8 @@
 frames (which must not be masked), role ``"server"`` reads client frames (which must be).
 ``feed(data)`` returns the events of every complete frame held so far, as 2-tuples:
 
-    ("text", bytes)          a complete text message, UTF-8 checked, fragments joined
+    ("text", bytes)          a complete text message, fragments joined, UTF-8 checked
+                             as its bytes arrive (a bad byte fails before the message ends)
     ("binary", bytes)        a complete binary message, fragments joined
     ("oversize", int)        a message over ``max_message_bytes`` (its size so far); its
                              bytes are discarded as they arrive, never buffered
@@ -18,6 +19,7 @@ reported as soon as its header arrives, whatever follows.
 """
 
 import codecs
+from typing import Any
 
 from .frames import (
     CLOSE_INVALID_DATA,
@@ -38,6 +40,7 @@ ROLES = ("client", "server")
 _DATA_KINDS = {OP_TEXT: "text", OP_BINARY: "binary"}
 _CONTROL_KINDS = {OP_PING: "ping", OP_PONG: "pong"}
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+Event = tuple[str, Any]  # (kind, bytes | int | Close | Violation): see the module docstring
 
 
 class Parser:
@@ -60,20 +63,21 @@ class Parser:
         self._kind = None  # kind of the fragmented message in progress, if any
         self._message = None  # its fragments so far (None while an oversize one is skipped)
         self._decoder = None  # incremental UTF-8 check of a fragmented text message
+        self._partial = None  # [decoder, bytes checked] of an incomplete text frame
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes held: an incomplete frame, plus the fragments of a message in progress."""
         return len(self._buf) + (len(self._message) if self._message is not None else 0)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Event]:
         """The events of every frame completed by ``data`` (see the module docstring)."""
         self.controls = 0
         if self.done:
             return []
         buf = self._buf
         buf += data
-        events = []
+        events: list[Event] = []
         pos, end = 0, len(buf)
         masked, max_bytes = self._masked, self.max_message_bytes
         while True:
@@ -136,7 +140,9 @@ class Parser:
                 self._oversize(events, length, fin)
                 self._skip_bytes, pos = length, pos + head
                 continue
-            if end - pos < head + length:
+            if end - pos < head + length:  # incomplete: check the text so far (fail fast)
+                if self._bad_text_so_far(opcode, buf, pos, head, mask_at, end):
+                    self._fail(events, _INVALID_TEXT)
                 break
             payload = bytes(buf[pos + head:pos + head + length])
             if masked:
@@ -155,6 +161,8 @@ class Parser:
             if self.done:
                 break
         del buf[:pos]
+        if pos:  # the frame at the start of the buffer changed: its partial check too
+            self._partial = None
         if self.done:
             buf.clear()
         return events
@@ -192,6 +200,32 @@ class Parser:
         except UnicodeDecodeError:
             return False
         return True
+
+    def _bad_text_so_far(self, opcode, buf, pos, head, mask_at, end):
+        """True when the part received of an incomplete text frame cannot be valid UTF-8,
+        so a bad byte fails the connection before the frame ends. Each byte is checked once
+        here (the whole frame is checked again once complete)."""
+        if opcode != OP_TEXT and (opcode != OP_CONTINUATION or self._decoder is None):
+            return False
+        if pos or self._partial is None:  # a frame not seen before (the last feed's is at 0)
+            decoder = _Utf8Decoder()
+            if self._decoder is not None:  # a continuation: start where the message is
+                decoder.setstate(self._decoder.getstate())
+            self._partial = [decoder, 0]
+        decoder, checked = self._partial
+        chunk = bytes(buf[pos + head + checked:end])
+        if not chunk:
+            return False
+        if self._masked:
+            turn = checked % 4  # the key as it lines up with the first unchecked byte
+            key = bytes(buf[pos + mask_at:pos + head])
+            chunk = apply_mask(key[turn:] + key[:turn], chunk)
+        self._partial[1] = checked + len(chunk)
+        try:
+            decoder.decode(chunk, False)
+        except UnicodeDecodeError:
+            return True
+        return False
 
     # -- control frames ------------------------------------------------------------------
 
