@@ -124,7 +124,7 @@ def read_currency(value):
     """The request's currency code, upper-cased ("usd" is USD); ProtocolError otherwise."""
     if type(value) is not str:
         raise ProtocolError(f"currency must be a string, got {_show(value)}")
-    code = value.upper() if value.isascii() else value   # "ß".upper() is "SS"
+    code = value.upper()
     if not is_currency_code(code):
         raise ProtocolError(f"invalid currency {_show(value)}")
     return code
