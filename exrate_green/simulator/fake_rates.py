@@ -69,9 +69,9 @@ class FakeRateApi:
         self.extra_rates = {**EXTRA_RATES, **(extra_rates or {})}
         self.access_key = access_key
         self.calls = 0
-        self.calls_by_day = collections.Counter()
+        self.calls_by_day: collections.Counter[datetime.date] = collections.Counter()
         self._bundle = bundle or EcbBundle()
-        self._faults = collections.deque()
+        self._faults: collections.deque[str] = collections.deque()
         self._stopping = gevent.event.Event()
         self._server = None
 
@@ -149,7 +149,7 @@ class FakeRateApi:
         path = environ.get("PATH_INFO", "")
         query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
         url = wsgiref.util.request_uri(environ)
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
         if path in ("/v1/latest", "/v1/latest/"):
             return _Request("frankfurter", today, query, url)
         if path.startswith("/v1/"):
@@ -248,7 +248,7 @@ def _day(text):
 
 def _end_of_day(day):
     """The epoch second at which ``day``'s rates were last quoted (23:59:59 UTC)."""
-    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.timezone.utc)
+    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.UTC)
     return int(moment.timestamp())
 
 
