@@ -5,7 +5,8 @@ Usage:
   exrate-service demo [--duration=SECONDS] [--rate=RPS] [options]
   exrate-service cache (list | show DAY | stats | clear) [--json] [options]
   exrate-service convert AMOUNT CURRENCY [DATE] [options]
-  exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson] [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
+  exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson]
+                          [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
   exrate-service -h | --help
   exrate-service --version
 

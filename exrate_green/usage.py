@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-#: commands of the docopt usage and, for those that take one, their actions
-COMMANDS = ("demo", "cache", "convert", "simulate", "bench")
+#: the actions of ``cache``
 CACHE_ACTIONS = ("list", "show", "stats", "clear")
 HELP_POINTER = "see 'exrate-service --help'"
 
@@ -35,8 +34,27 @@ def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
                     return f"{known} needs a value"
             continue
         positionals.append(arg)
-    return (_positional_problem(positionals) or _misplaced(doc, positionals, given)
-            or _docopt_problem(docopt_message))
+    return (_positional_problem(positionals, _commands(doc))
+            or _misplaced(doc, positionals, given) or _docopt_problem(docopt_message))
+
+
+def _usage_lines(doc: str) -> list[str]:
+    """The usage patterns of ``doc``, without the program name (continuations joined)."""
+    usage = doc.split("Usage:", 1)[-1].split("\n\n", 1)[0]
+    patterns: list[str] = []
+    for line in usage.strip().splitlines():
+        words = line.split()
+        if words and words[0] == "exrate-service":
+            patterns.append(" ".join(words[1:]))
+        elif patterns:
+            patterns[-1] += " " + " ".join(words)
+    return patterns
+
+
+def _commands(doc: str) -> list[str]:
+    """The commands of ``doc``'s usage (``demo``, ``cache``, ...), in order."""
+    return [line.split()[0] for line in _usage_lines(doc)
+            if line and line.split()[0].isalpha()]
 
 
 def _misplaced(doc: str, positionals: list[str], given: list[str]) -> str | None:
@@ -44,9 +62,9 @@ def _misplaced(doc: str, positionals: list[str], given: list[str]) -> str | None
 
     (docopt's ``[options]`` covers only the options no usage line names.)
     """
-    usage = doc.split("Usage:", 1)[-1].split("\n\n", 1)[0]
+    lines = _usage_lines(doc)
+    usage = " ".join(lines)
     command = positionals[0] if positionals else None
-    lines = [line.split(None, 1)[-1] for line in usage.strip().splitlines()]
     mine = next((line for line in lines if command and line.startswith(command + " ")),
                 lines[0] if lines else "")
     for option in given:
@@ -56,12 +74,12 @@ def _misplaced(doc: str, positionals: list[str], given: list[str]) -> str | None
     return None
 
 
-def _positional_problem(positionals: list[str]) -> str | None:
+def _positional_problem(positionals: list[str], commands: list[str]) -> str | None:
     if not positionals:
         return None
     command, rest = positionals[0], positionals[1:]
-    if command not in COMMANDS:
-        return f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}"
+    if command not in commands:
+        return f"unknown command {command!r}: choose one of {', '.join(commands)}"
     if command == "cache":
         return _cache_problem(rest)
     if command == "convert":

@@ -73,6 +73,8 @@ def test_log_level_accepts_the_spellings_logging_accepts(tmp_path, level):
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["--url"], "--url needs a value"),
     (["cache", "list", "--rate=5"], "--rate is not an option of 'cache'"),
+    (["--report=x.json"], "--report is not an option of the service itself"),
+    (["simulate", "--json"], "--json is not an option of 'simulate'"),
 ])
 def test_a_usage_error_is_one_line_with_a_pointer_to_help_and_exit_2(tmp_path, args, says):
     result = run_service(args, service_env(tmp_path))
