@@ -128,6 +128,7 @@ class RedisTier:
         # health: after a failure no call is made until _rest_until (monotonic seconds),
         # then one caller probes (_probing) while the others skip Redis
         self._rest_s = 0.0
+        self._rest_began = 0.0
         self._rest_until = 0.0
         self._probing = False
         self._failures = 0
@@ -235,6 +236,7 @@ class RedisTier:
         is resting after a failure."""
         if not self._may_call():
             return FAILED
+        started = time.monotonic()
         deadline = gevent.Timeout(self.deadline_s)
         deadline.start()
         try:
@@ -242,9 +244,9 @@ class RedisTier:
         except gevent.Timeout as e:
             if e is not deadline:
                 raise
-            return self._failed(what, f"no answer within {self.deadline_s:g} s")
+            return self._failed(what, f"no answer within {self.deadline_s:g} s", started)
         except _REDIS_ERRORS as e:
-            return self._failed(what, self._redact(e))
+            return self._failed(what, self._redact(e), started)
         finally:
             deadline.cancel()
             self._probing = False
@@ -261,12 +263,15 @@ class RedisTier:
         self._probing = True  # this caller probes; the others skip Redis meanwhile
         return True
 
-    def _failed(self, what, reason):
+    def _failed(self, what, reason, started):
         self.errors += 1
         self._failures += 1
-        self._rest_s = min(self.max_rest_s, max(1.0, 2 * self._rest_s))
-        self._rest_until = time.monotonic() + self._rest_s
         now = time.monotonic()
+        # Calls already under way when a rest began fail with it: one outage, one step
+        # of the backoff (20 lookups hitting a dead Redis at once must not mean 10 s).
+        if started >= self._rest_began:
+            self._rest_s = min(self.max_rest_s, max(1.0, 2 * self._rest_s))
+            self._rest_began, self._rest_until = now, now + self._rest_s
         if self._warned_at is None or now - self._warned_at >= self.warn_every_s:
             more = f" ({self._unwarned} more failures since the last warning)" \
                 if self._unwarned else ""
