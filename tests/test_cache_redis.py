@@ -216,6 +216,22 @@ def test_the_redis_url_is_shown_with_its_password_masked():
     assert "REDIS_URL" in str(refused.value) and PASSWORD not in str(refused.value)
 
 
+def test_rediss_with_a_self_signed_certificate_needs_verify_off(tmp_path, warnings_log):
+    with RedisServer(tmp_path, tls=True, password=PASSWORD) as server:
+        assert server.url.startswith("rediss://")
+        with tiered(tmp_path / "c", server.url, verify=False) as cache:
+            assert cache.redis.put(table())
+            assert cache.redis.get("frankfurter", DAY) == table(
+                fetched_at=cache.redis.get("frankfurter", DAY).fetched_at)
+        assert not warnings_about_redis(warnings_log)
+        with tiered(tmp_path / "c", server.url) as cache:  # verify=True: refused
+            assert cache.redis.get("frankfurter", DAY) is None
+            assert cache.redis.errors == 1
+    (warning,) = warnings_about_redis(warnings_log)
+    assert "certificate verify failed" in warning.getMessage()
+    assert PASSWORD not in warning.getMessage()
+
+
 # -- Redis down, restarted, slow: the cache keeps answering -------------------------------
 
 def test_redis_killed_mid_run_costs_misses_with_one_warning_then_reconnects(
