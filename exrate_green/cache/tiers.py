@@ -41,6 +41,9 @@ class TieredCache:
                  flight_ttl_s: float = 15.0):
         self.disk = disk
         self.redis = redis
+        #: seconds a table is fresh, and kept beyond that (the disk tier's; Redis's agree)
+        self.ttl_s = disk.ttl_s
+        self.stale_s = disk.stale_s
         self.tiers = [disk] + ([redis] if redis is not None else [])
         self.flights = Flights(disk.directory, redis, ttl_s=flight_ttl_s)
         self.hits = 0
@@ -138,6 +141,6 @@ def open_cache(settings) -> TieredCache:
     if settings.redis_url:
         redis = RedisTier(settings.redis_url, settings.cache_ttl_s,
                           stale_s=settings.stale_if_error_s, verify=settings.redis_verify)
-    cache = TieredCache(disk, redis, flight_ttl_s=settings.http_timeout_s + 10)
+    cache = TieredCache(disk, redis, flight_ttl_s=settings.http_timeout_s + 15)
     cache.open()
     return cache
