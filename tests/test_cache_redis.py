@@ -20,7 +20,14 @@ import gevent
 import pytest
 import redis
 
-from exrate_green.cache import RedisTier, TableCache, TieredCache, redacted_url, run_cache_command
+from exrate_green.cache import (
+    RedisTier,
+    TableCache,
+    TieredCache,
+    check_redis_url,
+    redacted_url,
+    run_cache_command,
+)
 from exrate_green.config import Settings
 from exrate_green.errors import ConfigError
 from exrate_green.rates.table import RateTable
@@ -91,11 +98,11 @@ def test_a_table_written_by_one_process_is_found_by_another_with_a_cold_disk_and
         assert found == written
         assert {c: str(r) for c, r in found.rates.items()} == \
             {c: str(r) for c, r in written.rates.items()}  # decimals kept exactly
-        assert two.tier_counts()["redis"]["hits"] == 1
+        assert two.tier_counts()["redis"][0] == 1
         # copied up into the disk tier, without the lookup waiting for that write
         assert wait_until(lambda: two.disk.get("frankfurter", DAY) == written, 5)
         assert two.get("frankfurter", DAY) == written
-        assert two.tier_counts()["redis"]["hits"] == 1  # the second lookup stopped at disk
+        assert two.tier_counts()["redis"][0] == 1  # the second lookup stopped at disk
 
 
 def test_a_month_is_written_in_one_call_per_tier_and_kept_ttl_plus_stale(
@@ -211,9 +218,13 @@ def test_the_redis_url_is_shown_with_its_password_masked():
         "rediss://h:***@ec2-1.compute.amazonaws.com:6380"
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redacted_url("redis://:pw@[::1]:6379") == "redis://:***@[::1]:6379"
-    with pytest.raises(ConfigError) as refused:
-        RedisTier("http://user:" + PASSWORD + "@example.com", 3600)
-    assert "REDIS_URL" in str(refused.value) and PASSWORD not in str(refused.value)
+    for bad in ("http://user:" + PASSWORD + "@example.com", f"redis://:{PASSWORD}@h:99999",
+                f"redis://:{PASSWORD}@/0", "rediss://[::1", "unix://"):
+        with pytest.raises(ConfigError) as refused:
+            RedisTier(bad, 3600)
+        assert "REDIS_URL" in str(refused.value) and PASSWORD not in str(refused.value)
+    check_redis_url("unix:///run/redis.sock")
+    check_redis_url("rediss://:pw@[::1]:6380/2")
 
 
 def test_rediss_with_a_self_signed_certificate_needs_verify_off(tmp_path, warnings_log):

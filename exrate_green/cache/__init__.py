@@ -8,8 +8,8 @@ diskcache tier, ``redis`` the Redis tier, ``flight`` single-flight across proces
 from .commands import run_cache_command
 from .disk import JsonDisk, TableCache, table_key
 from .flight import Flights
-from .redis import RedisTier, redacted_url, redis_password
+from .redis import RedisTier, check_redis_url, redacted_url, redis_password
 from .tiers import TieredCache, open_cache
 
-__all__ = ["Flights", "JsonDisk", "RedisTier", "TableCache", "TieredCache", "open_cache",
-           "redacted_url", "redis_password", "run_cache_command", "table_key"]
+__all__ = ["Flights", "JsonDisk", "RedisTier", "TableCache", "TieredCache", "check_redis_url",
+           "open_cache", "redacted_url", "redis_password", "run_cache_command", "table_key"]

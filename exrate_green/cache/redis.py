@@ -81,6 +81,24 @@ def redacted_url(url: str) -> str:
         return f"<unparsable Redis URL, {len(url)} characters>"
 
 
+def check_redis_url(url: str) -> None:
+    """``ConfigError`` (one line naming REDIS_URL, password masked) unless ``url`` is a
+    usable ``redis://host[:port][/db]``, ``rediss://...`` or ``unix:///path`` URL."""
+    shown = redacted_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range)
+    except ValueError:
+        raise ConfigError(f"REDIS_URL {shown!r} is not a valid URL") from None
+    if parts.scheme not in SCHEMES:
+        raise ConfigError(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, "
+                          f"got {shown!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"REDIS_URL {shown!r} names no host")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"REDIS_URL {shown!r} names no socket path")
+
+
 class _Failed:
     """The result of a call that failed (a miss); distinct from Redis answering nil."""
 
@@ -141,9 +159,7 @@ class RedisTier:
         return self._rest_s == 0.0
 
     def _pool(self, url, verify, max_connections):
-        if urllib.parse.urlsplit(url).scheme not in SCHEMES:
-            raise ConfigError(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, "
-                              f"got {self.where!r}")
+        check_redis_url(url)
         options = {
             "socket_connect_timeout": self.deadline_s,
             "socket_timeout": self.deadline_s,

@@ -114,9 +114,9 @@ class TieredCache:
         return sum(tier.errors for tier in self.tiers)
 
     def tier_counts(self) -> dict:
-        """{tier name: {"hits": n, "misses": n, "errors": n}} for this process."""
-        return {tier.name: {"hits": tier.hits, "misses": tier.misses, "errors": tier.errors}
-                for tier in self.tiers}
+        """``{tier name: (hits, misses)}`` of this process's lookups, disk first (a failed
+        lookup is a miss; ``tier.errors`` counts failures)."""
+        return {tier.name: (tier.hits, tier.misses) for tier in self.tiers}
 
     def entries(self) -> list:
         """Rows of every kept table in every tier (see each tier's ``entries``); may block,
@@ -143,4 +143,6 @@ def open_cache(settings) -> TieredCache:
                           stale_s=settings.stale_if_error_s, verify=settings.redis_verify)
     cache = TieredCache(disk, redis, flight_ttl_s=settings.http_timeout_s + 15)
     cache.open()
+    log.info("rate cache: disk at %s%s", disk.directory,
+             f", Redis at {redis.where}" if redis is not None else " (no REDIS_URL: no Redis tier)")
     return cache
