@@ -273,6 +273,28 @@ def test_redis_killed_mid_run_costs_misses_with_one_warning_then_reconnects(
     assert len(warnings_about_redis(warnings_log)) == 1
 
 
+def test_a_redis_that_stays_down_is_warned_about_once_a_minute_with_a_count(
+        tmp_path, warnings_log):
+    now = [1000.0]
+    with RedisServer(tmp_path) as server:
+        pass  # a port where nothing listens any more: every call is refused at once
+    tier = RedisTier(server.url, 3600, clock=lambda: now[0])
+    try:
+        for _ in range(30):  # 30 s of lookups, one a second; each rest (<= 10 s) ends
+            assert tier.get("frankfurter", DAY) is None
+            now[0] += 1.0
+        assert len(warnings_about_redis(warnings_log)) == 1
+        failures = tier.errors
+        assert 3 <= failures < 30  # rests spared Redis most calls
+        now[0] += 31.0  # a minute after the first warning
+        assert tier.get("frankfurter", DAY) is None
+        second = warnings_about_redis(warnings_log)[1].getMessage()
+        assert f"({failures - 1} more failures since the last warning)" in second
+        assert "retrying in 10 s" in second  # the rest grew to its cap
+    finally:
+        tier.close()
+
+
 @contextlib.contextmanager
 def silent_listener():
     """A TCP port that accepts connections (kernel backlog) and never says a word."""

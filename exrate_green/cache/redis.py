@@ -23,6 +23,7 @@ Why the shape:
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import gevent
 import redis
@@ -118,7 +119,8 @@ class RedisTier:
     ``get``, ``put``, ``put_many``, ``acquire`` and ``release`` never raise and never take
     longer than ``deadline_s``; the inspection methods (``entries``, ``tables_for``,
     ``stats``, ``clear``) raise ``CacheError`` and are for the CLI. ``hits``, ``misses``
-    and ``errors`` count this process's lookups (an error is also a miss).
+    and ``errors`` count this process's lookups (an error is also a miss). ``clock``
+    (monotonic seconds) times the rests after failures and the warnings.
     """
 
     name = "redis"
@@ -126,7 +128,8 @@ class RedisTier:
     def __init__(self, url: str, ttl_s: float, *, stale_s: float = 0.0, verify: bool = True,
                  prefix: str = "exrate-green:", deadline_s: float = 1.0,
                  max_connections: int = 16, warn_every_s: float = 60.0,
-                 max_rest_s: float = 10.0, inspect_deadline_s: float = 30.0):
+                 max_rest_s: float = 10.0, inspect_deadline_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.where = redacted_url(url)
         self._secrets = [s for s in (redis_password(url),) if s]
         self.ttl_s = float(ttl_s)
@@ -136,6 +139,7 @@ class RedisTier:
         self.warn_every_s = float(warn_every_s)
         self.max_rest_s = float(max_rest_s)
         self.inspect_deadline_s = float(inspect_deadline_s)
+        self.clock = clock  # monotonic seconds: rests and warning intervals
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -252,7 +256,7 @@ class RedisTier:
         is resting after a failure."""
         if not self._may_call():
             return FAILED
-        started = time.monotonic()
+        started = self.clock()
         deadline = gevent.Timeout(self.deadline_s)
         deadline.start()
         try:
@@ -274,7 +278,7 @@ class RedisTier:
     def _may_call(self):
         if self._rest_s == 0.0:
             return True
-        if self._probing or time.monotonic() < self._rest_until:
+        if self._probing or self.clock() < self._rest_until:
             return False
         self._probing = True  # this caller probes; the others skip Redis meanwhile
         return True
@@ -282,7 +286,7 @@ class RedisTier:
     def _failed(self, what, reason, started):
         self.errors += 1
         self._failures += 1
-        now = time.monotonic()
+        now = self.clock()
         # Calls already under way when a rest began fail with it: one outage, one step
         # of the backoff (20 lookups hitting a dead Redis at once must not mean 10 s).
         if started >= self._rest_began:
