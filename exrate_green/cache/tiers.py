@@ -48,7 +48,8 @@ class TieredCache:
         self.flights = Flights(disk.directory, redis, ttl_s=flight_ttl_s)
         self.hits = 0
         self.misses = 0
-        self._copies = Group()
+        self._copies = Group()  # copies into upper tiers, nobody waits for them
+        self._writers = Group()  # lower tiers' writes of a put, joined by the put
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -59,7 +60,8 @@ class TieredCache:
     def close(self) -> None:
         """Finish (briefly) the copies in progress, then close every tier. Idempotent."""
         self._copies.join(timeout=1.0)
-        self._copies.kill(timeout=1.0)
+        for group in (self._copies, self._writers):
+            group.kill(timeout=1.0)
         for tier in self.tiers:
             tier.close()
 
@@ -88,7 +90,7 @@ class TieredCache:
         tables = list(tables)
         if not tables:
             return 0
-        writers = [gevent.spawn(tier.put_many, tables) for tier in self.tiers[1:]]
+        writers = [self._writers.spawn(tier.put_many, tables) for tier in self.tiers[1:]]
         written = [self.tiers[0].put_many(tables)]
         gevent.joinall(writers)
         written += [w.value or 0 for w in writers]
