@@ -32,14 +32,16 @@ def request(day, currency="USD"):
 
 
 @contextlib.contextmanager
-def dyno(tmp_path, name, api, redis_url):
-    """One service process with its own upstream and its own empty cache directory."""
+def dyno(tmp_path, name, api, redis_url=None, cache_dir=None):
+    """One service process with its own upstream and (by default) its own empty cache
+    directory; with ``redis_url``, a Redis tier."""
     with Upstream(heartbeat_interval_s=BEAT_S) as up:
+        extra = {"REDIS_URL": redis_url} if redis_url else {}
         env = service_env(tmp_path / name, EXRATE_URL=up.url, EXRATE_PROVIDER="frankfurter",
-                          FRANKFURTER_URL=api.frankfurter_url, REDIS_URL=redis_url,
-                          EXRATE_CACHE_DIR=tmp_path / name / "cache",
+                          FRANKFURTER_URL=api.frankfurter_url,
+                          EXRATE_CACHE_DIR=cache_dir or tmp_path / name / "cache",
                           EXRATE_HEARTBEAT_INTERVAL=BEAT_S, EXRATE_HEARTBEAT_TIMEOUT=1.0,
-                          EXRATE_SUMMARY_INTERVAL=3600)
+                          EXRATE_SUMMARY_INTERVAL=3600, **extra)
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
         process = start_service([], env)
         try:
@@ -86,3 +88,15 @@ def test_two_dynos_on_one_redis_make_one_call_per_table_and_none_after_a_restart
         assert api.calls == 0, (api.calls_by_day, getattr(api, "calls_by_range", None))
     print(f"\nFIGURES fleet: 2 dynos, {len(DAYS)} cold days: {cold_calls} API calls; "
           f"after a restart with empty disks: 0")
+
+
+def test_two_processes_on_one_cache_directory_make_one_call_per_table(tmp_path):
+    shared = tmp_path / "shared-cache"
+    with FakeRateApi(latency_s=0.2) as api:
+        with dyno(tmp_path, "one", api, cache_dir=shared) as one, \
+                dyno(tmp_path, "two", api, cache_dir=shared) as two:
+            gevent.sleep(0.5)
+            converts_everything([one, two], DAYS)
+        assert 1 <= api.calls <= len(DAYS), api.calls
+        assert fetched_more_than_once(api) == {}
+    assert any((shared / "flights").iterdir())  # the lock files of the flights taken
