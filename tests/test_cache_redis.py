@@ -15,6 +15,7 @@ import pickle
 import socket
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import gevent
 import pytest
@@ -213,7 +214,7 @@ def test_a_redis_failure_warning_never_holds_the_password(tmp_path, warnings_log
     assert "invalid" in text.lower() or "auth" in text.lower()  # says why
 
 
-def test_the_redis_url_is_shown_with_its_password_masked():
+def test_the_redis_url_is_shown_with_its_password_masked_and_a_bad_one_refused(capsys):
     assert redacted_url("rediss://h:p%40ss@ec2-1.compute.amazonaws.com:6380") == \
         "rediss://h:***@ec2-1.compute.amazonaws.com:6380"
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
@@ -223,6 +224,14 @@ def test_the_redis_url_is_shown_with_its_password_masked():
         with pytest.raises(ConfigError) as refused:
             RedisTier(bad, 3600)
         assert "REDIS_URL" in str(refused.value) and PASSWORD not in str(refused.value)
+    out = io.StringIO()
+    settings = Settings(cache_dir=Path("/nonexistent/never-created"),
+                        redis_url=f"http://:{PASSWORD}@example.com")
+    assert run_cache_command(settings, "list", out=out) == 2
+    assert out.getvalue() == ""
+    err = capsys.readouterr().err
+    assert err.startswith("exrate-service: configuration error: REDIS_URL must be")
+    assert PASSWORD not in err and len(err.splitlines()) == 1
     check_redis_url("unix:///run/redis.sock")
     check_redis_url("rediss://:pw@[::1]:6380/2")
 

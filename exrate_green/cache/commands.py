@@ -9,7 +9,7 @@ import datetime
 import json
 import sys
 
-from ..errors import CacheError, ExrateError
+from ..errors import CacheError, ConfigError, ExrateError
 from .disk import TableCache
 from .redis import RedisTier
 
@@ -32,7 +32,11 @@ def run_cache_command(settings, action: str, day=None, as_json: bool = False,
             day = _parse_day(day)
         except ValueError as e:
             return _usage_error(str(e))
-    tiers = _open_tiers(settings)
+    try:
+        tiers = _open_tiers(settings)
+    except ConfigError as e:
+        print(f"exrate-service: configuration error: {e}", file=sys.stderr)
+        return 2
     results, failed = {}, False
     try:
         for tier in tiers:
@@ -53,15 +57,14 @@ def run_cache_command(settings, action: str, day=None, as_json: bool = False,
 
 
 def _open_tiers(settings):
+    redis = None
+    if settings.redis_url:  # first: a bad REDIS_URL is refused before the disk is opened
+        redis = RedisTier(settings.redis_url, settings.cache_ttl_s,
+                          stale_s=settings.stale_if_error_s, verify=settings.redis_verify)
     disk = TableCache(settings.cache_dir, settings.cache_ttl_s,
                       stale_s=settings.stale_if_error_s)
     disk.open()
-    tiers = [disk]
-    if settings.redis_url:
-        tiers.append(RedisTier(settings.redis_url, settings.cache_ttl_s,
-                               stale_s=settings.stale_if_error_s,
-                               verify=settings.redis_verify))
-    return tiers
+    return [disk] + ([redis] if redis is not None else [])
 
 
 def _usage_error(message):
