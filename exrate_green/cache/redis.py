@@ -105,6 +105,7 @@ class _Failed:
 
 
 FAILED = _Failed()
+_CALL, _SKIP, _PROBE = "call", "skip", "probe"
 
 
 class RedisTier:
@@ -254,7 +255,8 @@ class RedisTier:
     def _call(self, what, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` within ``deadline_s``; ``FAILED`` when Redis failed or
         is resting after a failure."""
-        if not self._may_call():
+        mode = self._may_call()
+        if mode is _SKIP:
             return FAILED
         started = self.clock()
         deadline = gevent.Timeout(self.deadline_s)
@@ -269,19 +271,22 @@ class RedisTier:
             return self._failed(what, self._redact(e), started)
         finally:
             deadline.cancel()
-            self._probing = False
+            if mode is _PROBE:
+                self._probing = False
         self._succeeded()
         return value
 
     # -- health: rest after a failure, one probe, warn at most once per warn_every_s -----
 
     def _may_call(self):
+        """``_CALL`` while Redis is well, ``_SKIP`` while it rests after a failure (or
+        another caller probes it), ``_PROBE`` for the one caller that tries it again."""
         if self._rest_s == 0.0:
-            return True
+            return _CALL
         if self._probing or self.clock() < self._rest_until:
-            return False
-        self._probing = True  # this caller probes; the others skip Redis meanwhile
-        return True
+            return _SKIP
+        self._probing = True  # the others skip Redis until this call ends
+        return _PROBE
 
     def _failed(self, what, reason, started):
         self.errors += 1
