@@ -9,7 +9,7 @@ class Runtime:
     """The rate machinery a command needs, closed in reverse order of opening."""
 
     def __init__(self, settings):
-        from .cache import TableCache
+        from .cache import open_cache
         from .rates.book import RateBook
         from .rates.http import HttpClient
         from .rates.providers import make_provider
@@ -17,8 +17,7 @@ class Runtime:
         self.settings = settings
         self.http = HttpClient(settings)
         self.provider = make_provider(settings, self.http)
-        self.cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
-        self.cache.open()
+        self.cache = open_cache(settings)  # disk, and Redis when REDIS_URL is set
         self.book = RateBook(self.provider, self.cache, ttl_s=settings.cache_ttl_s,
                              wait_s=settings.http_timeout_s + 2)
 

@@ -103,7 +103,7 @@ def test_cache_locked_by_another_process(tmp_path, capfd):
         worst, gap = serves(up, cold_days(4), bound_s=2.5)
         assert cache.errors >= 1
         locker.communicate(timeout=10)
-        gevent.sleep(2 * cache.timeout_s + 0.1)  # after a lock timeout the disk rests 2 s
+        gevent.sleep(2 * cache.disk.timeout_s + 0.1)  # after a lock timeout the disk rests 2 s
         days = cold_days(1)
         serves(up, days, bound_s=1.0)
         # the lock is gone: tables are written again
@@ -209,7 +209,7 @@ def test_cache_disk_full_while_running(tmp_path):
             worst, gap = serves(up, cold_days(20), bound_s=1.5)
             assert cache.errors > errors, "the disk filled up, yet every write succeeded"
             filler.unlink()
-            gevent.sleep(2 * cache.timeout_s + 0.1)
+            gevent.sleep(2 * cache.disk.timeout_s + 0.1)
             days = cold_days(1)
             serves(up, days, bound_s=1.0)
             # space again: tables are written again
