@@ -1,94 +1,281 @@
-"""The rate book: one table per day, from memory, then disk, then the provider, once.
+"""The rate book: tables by (provider, day), from memory, then the cache, then the providers.
 
-``peek(day)`` never waits and never does I/O: the reader answers every request whose
-table is hot without leaving its loop. ``get(day)`` may wait; concurrent callers for the
-same missing day share one load (single-flight), and a failed load is not remembered, so
-the next request tries again.
+``peek(day)`` never waits and never does I/O: the reader answers every request whose table
+is hot without leaving its loop. ``get(day)`` may wait, at most ``wait_s`` (the fetch
+budget ``EXRATE_HTTP_TIMEOUT`` plus ``WAIT_MARGIN_S``), whatever the cache and the API do.
+
+For each provider of the chain, in order: a fresh table in memory answers; else the first
+caller for that (provider, day) looks in the cache (bounded by ``CACHE_READ_BUDGET_S``)
+while later callers wait for it; a fresh cached table answers, else the provider's lane
+fetches it (one job per day or month, shared by every caller). If the fetch fails, or the
+breaker is open, or the wait runs out, a stale table still held (fetched less than
+``ttl_s + stale_s`` ago) answers: ECB and apilayer never revise a past day, so it is the
+right answer, not a guess. Only then does the next provider of the chain get its turn, and
+only when no provider can answer does the caller get the first provider's error.
+
+A currency missing from a provider's table is looked up in the next provider's table for
+the same day (``currency=`` on ``peek``/``get``).
 """
 
 import collections
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 import gevent
 from gevent.event import AsyncResult
-from gevent.pool import Group
 
-from ..errors import RateError, RateUnavailable
+from ..errors import DateOutOfRange, RateError, RateUnavailable
+from .breaker import CircuitBreaker
+from .lane import ProviderLane
+from .table import RateTable
 
 log = logging.getLogger("exrate_green.rates")
 
+#: a request waits at most the fetch budget plus this (s): the cache read before the
+#: fetch and the scheduling around it. Documented in docs/rates.md.
+WAIT_MARGIN_S = 1.0
+#: longest wait for one cache read before a fetch (s); a slower cache is a miss
+CACHE_READ_BUDGET_S = 0.5
+#: tables kept in memory (days x providers); a month fetch adds a whole month
+MAX_HOT = 16_384
+#: at most one "serving stale rates" log line per provider this often (s)
+STALE_LOG_INTERVAL_S = 60.0
+
+
+class _Lookup:
+    """The one cache lookup in progress for a (provider, day): ``done`` gets a table (found
+    fresh) or the ``Job`` fetching it; ``held`` is a stale table to fall back on."""
+
+    def __init__(self, held: RateTable | None):
+        self.held = held
+        self.done = AsyncResult()
+
 
 class RateBook:
-    """Tables by day for one provider, with a bounded in-memory front over ``cache``.
+    """Tables by day from a chain of providers, with a bounded in-memory front over ``cache``.
 
-    ``ttl_s`` (seconds) bounds the age of every table served, in memory as on disk.
-    ``wait_s`` (seconds) bounds how long ``get`` waits for a load in progress.
+    ``providers``: the chain, in order of preference (one provider is a chain of one).
+    ``cache``: ``get(provider, day)``, ``put(table)`` (optional ``put_many(tables)``,
+    ``flight(provider, key)``). ``ttl_s``: seconds a table is fresh after its
+    ``fetched_at``. ``stale_s``: seconds beyond that it may still answer while its provider
+    fails (0: never). ``http_timeout_s``: one fetch's budget; ``wait_s`` (default
+    ``http_timeout_s + WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher
+    greenlets per provider. ``clock``: epoch seconds (freshness, breakers).
+
+    ``lanes`` maps provider name to its ``ProviderLane`` (counters and breaker, for metrics).
     """
 
-    def __init__(self, provider, cache, *, ttl_s, wait_s, max_hot=4096, clock=time.time):
-        self.provider = provider
+    def __init__(self, providers, cache, *, ttl_s: float, stale_s: float = 0.0,
+                 http_timeout_s: float = 5.0, wait_s: float | None = None,
+                 concurrency: int = 8, max_hot: int = MAX_HOT,
+                 clock: Callable[[], float] = time.time):
+        providers = providers if isinstance(providers, Sequence) else [providers]
         self.cache = cache
         self.ttl_s = ttl_s
-        self.wait_s = wait_s
+        self.stale_s = stale_s
+        self.wait_s = http_timeout_s + WAIT_MARGIN_S if wait_s is None else wait_s
         self.max_hot = max_hot
         self.clock = clock
-        self.hot = collections.OrderedDict()  # day -> RateTable, oldest first
-        self.loading = {}  # day -> AsyncResult of the one load in progress
-        self.loaders = Group()
+        self.hot: collections.OrderedDict = collections.OrderedDict()  # (provider, day) -> table
+        self.lookups: dict = {}  # (provider, day) -> _Lookup in progress
+        self.lanes = {p.name: ProviderLane(
+            p, cache, concurrency=concurrency, budget_s=http_timeout_s, clock=clock,
+            on_tables=self._remember_all, breaker=CircuitBreaker(p.name, clock=clock))
+            for p in providers}
         self.memory_hits = 0
-        self.api_calls = 0
+        self._stale_logged_at: dict = {}
 
-    def peek(self, day):
-        """The table for ``day`` if it is in memory and fresh, else ``None``. Never yields."""
-        table = self.hot.get(day)
-        if table is not None and self.clock() < table.fetched_at + self.ttl_s:
-            self.memory_hits += 1
-            return table
-        return None
+    @property
+    def provider(self):
+        """The first provider of the chain."""
+        return next(iter(self.lanes.values())).provider
 
-    def get(self, day):
-        """The table for ``day``, loading it if needed; ``RateError`` if it cannot be had."""
-        table = self.peek(day)
+    @property
+    def api_calls(self) -> int:
+        """HTTP requests sent to every provider (retries included)."""
+        return sum(lane.attempts for lane in self.lanes.values())
+
+    @property
+    def fetches(self) -> int:
+        """Fetches made (one per day or month fetched, however many attempts it took)."""
+        return sum(lane.fetches for lane in self.lanes.values())
+
+    @property
+    def stale_served(self) -> int:
+        return sum(lane.stale_served for lane in self.lanes.values())
+
+    # -- the reader's side: never yields --------------------------------------------------
+
+    def peek(self, day, currency: str | None = None) -> RateTable | None:
+        """A fresh table for ``day`` in memory, else ``None``. Never yields, no I/O.
+
+        With ``currency``: the first provider's table that quotes it, if every provider
+        before it has a fresh table in memory too; if none quotes it, the first table.
+        """
+        first = None
+        now = self.clock()
+        for name in self.lanes:
+            table = self.hot.get((name, day))
+            if table is None or now >= table.fetched_at + self.ttl_s:
+                return None
+            if currency is None or currency in table.rates:
+                self.memory_hits += 1
+                return table
+            first = first or table
+        self.memory_hits += 1
+        return first
+
+    # -- the waiting side -----------------------------------------------------------------
+
+    def get(self, day, currency: str | None = None) -> RateTable:
+        """The table for ``day`` (one that quotes ``currency`` if a provider has one),
+        waiting at most ``wait_s``; a ``RateError`` with ``.reason`` if none can be had."""
+        table = self.peek(day, currency)
         if table is not None:
             return table
-        pending = self.loading.get(day)
-        if pending is None:
-            pending = self.loading[day] = AsyncResult()
-            self.loaders.spawn(self._load, day, pending)
+        deadline = time.monotonic() + self.wait_s
+        found, failure = None, None
+        for lane in self.lanes.values():
+            try:
+                table = self._from_lane(lane, day, deadline)
+            except DateOutOfRange:
+                raise
+            except RateError as e:
+                failure = failure or e
+                continue
+            if currency is None or currency in table.rates:
+                return table
+            found = found or table
+        if found is not None and failure is None:
+            return found  # no provider quotes the currency: rate() says so
+        raise failure
+
+    def close(self, timeout: float = 1.0) -> None:
+        for lane in self.lanes.values():
+            lane.close(timeout)
+
+    # -- one provider ---------------------------------------------------------------------
+
+    def _from_lane(self, lane: ProviderLane, day, deadline: float) -> RateTable:
+        key = (lane.name, day)
+        table = self.hot.get(key)
+        if table is not None and self._fresh(table):
+            return table
+        lookup = self.lookups.get(key)
+        if lookup is None:
+            lookup = self._look_up(lane, day, table if self._usable(table) else None)
+        started = time.monotonic()
         try:
-            return pending.get(timeout=self.wait_s)
+            found = lookup.done.get(timeout=max(deadline - time.monotonic(), 0))
         except gevent.Timeout:
-            raise RateUnavailable(f"no rate table after {self.wait_s:g} s") from None
-
-    def close(self, timeout=1.0):
-        self.loaders.kill(timeout=timeout)
-
-    def _load(self, day, pending):
-        try:
-            pending.set(self._fetch(day))
+            return self._stale_or_raise(lane, lookup.held, RateUnavailable(
+                f"the cache did not answer for {day} within {time.monotonic() - started:.1f} s"))
+        except DateOutOfRange:
+            raise
         except RateError as e:
-            pending.set_exception(e)
-        except Exception as e:  # a provider bug must not leave waiters hanging
-            log.exception("loading rates for %s failed", day)
-            pending.set_exception(RateUnavailable(type(e).__name__))
-        finally:
-            del self.loading[day]
-
-    def _fetch(self, day):
-        cached = self.provider.needs_cache(day)
-        table = self.cache.get(self.provider.name, day) if cached else None
-        if table is None or self.clock() >= table.fetched_at + self.ttl_s:
-            if cached:
-                self.api_calls += 1
-            table = self.provider.fetch(day)
-            if cached:
-                self.cache.put(table)
-        self._remember(day, table)
+            return self._stale_or_raise(lane, lookup.held, e)
+        if isinstance(found, RateTable):
+            return found
+        try:
+            tables = found.done.get(timeout=max(deadline - time.monotonic(), 0))
+        except gevent.Timeout:
+            return self._stale_or_raise(lane, lookup.held,
+                                        lane.late(found, time.monotonic() - started))
+        except DateOutOfRange:
+            raise
+        except RateError as e:
+            return self._stale_or_raise(lane, lookup.held, e)
+        table = tables.get(day)
+        if table is None:
+            return self._stale_or_raise(lane, lookup.held, RateUnavailable(
+                f"{lane.name} answered without the rates of {day}"))
         return table
 
-    def _remember(self, day, table):
-        self.hot[day] = table
-        self.hot.move_to_end(day)
+    def _look_up(self, lane: ProviderLane, day, held: RateTable | None) -> _Lookup:
+        """Start the one lookup of ``day`` at ``lane``: read the cache in this greenlet
+        (bounded), then hand the day to the lane. Returns the lookup, resolved."""
+        key = (lane.name, day)
+        lookup = self.lookups[key] = _Lookup(held)
+        try:
+            if not lane.provider.needs_cache(day):
+                self._resolve(key, lookup, self._local(lane, day))
+                return lookup
+            cached = self._cache_read(lane, day)
+            if cached is not None and (held is None or cached.fetched_at > held.fetched_at):
+                if self._fresh(cached):
+                    self._remember(cached)
+                    self._resolve(key, lookup, cached)
+                    return lookup
+                if self._usable(cached):
+                    lookup.held = cached
+                    self._remember(cached)  # memory keeps stale tables too
+            job = lane.submit(day)
+            lookup.done.set(job)
+            job.done.rawlink(lambda _: self._forget(key, lookup))
+        except RateError as e:
+            self._forget(key, lookup)
+            lookup.done.set_exception(e)
+        except BaseException:
+            self._forget(key, lookup)
+            lookup.done.set_exception(RateUnavailable(f"the lookup of {day} was interrupted"))
+            raise
+        return lookup
+
+    def _local(self, lane: ProviderLane, day) -> RateTable:
+        """A table the provider has without a call (the bundled ECB history)."""
+        table = lane.provider.fetch(day)
+        table = RateTable(table.provider, table.day, table.published, table.rates, self.clock())
+        self._remember(table)
+        return table
+
+    def _cache_read(self, lane: ProviderLane, day) -> RateTable | None:
+        try:
+            with gevent.Timeout(CACHE_READ_BUDGET_S):
+                return self.cache.get(lane.name, day)
+        except gevent.Timeout:
+            log.warning("the cache did not answer within %.1f s: %s %s treated as a miss",
+                        CACHE_READ_BUDGET_S, lane.name, day)
+            return None
+
+    def _resolve(self, key, lookup: _Lookup, table: RateTable) -> None:
+        self._forget(key, lookup)
+        lookup.done.set(table)
+
+    def _forget(self, key, lookup: _Lookup) -> None:
+        if self.lookups.get(key) is lookup:
+            del self.lookups[key]
+
+    # -- stale if error ---------------------------------------------------------------------
+
+    def _stale_or_raise(self, lane: ProviderLane, held: RateTable | None,
+                        error: RateError) -> RateTable:
+        if held is None or not self._usable(held):
+            raise error
+        lane.stale_served += 1
+        now = self.clock()
+        if now - self._stale_logged_at.get(lane.name, float("-inf")) >= STALE_LOG_INTERVAL_S:
+            self._stale_logged_at[lane.name] = now
+            log.warning("serving stale rates of %s (%s, fetched %.0f s ago; %d stale "
+                        "answer(s) so far): %s", lane.name, held.day,
+                        now - held.fetched_at, lane.stale_served, error)
+        return held
+
+    def _fresh(self, table: RateTable) -> bool:
+        return self.clock() < table.fetched_at + self.ttl_s
+
+    def _usable(self, table: RateTable | None) -> bool:
+        return table is not None and self.clock() < table.fetched_at + self.ttl_s + self.stale_s
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def _remember_all(self, tables) -> None:
+        for table in tables:
+            self._remember(table)
+
+    def _remember(self, table: RateTable) -> None:
+        key = (table.provider, table.day)
+        self.hot[key] = table
+        self.hot.move_to_end(key)
         while len(self.hot) > self.max_hot:
             self.hot.popitem(last=False)
