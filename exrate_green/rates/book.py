@@ -210,6 +210,10 @@ class RateBook:
                 if self._usable(cached):
                     lookup.held = cached
                     self._remember(cached)  # memory keeps stale tables too
+            landed = self.hot.get(key)  # a month fetch may have brought it while we read
+            if landed is not None and self._fresh(landed):
+                self._resolve(key, lookup, landed)
+                return lookup
             job = lane.submit(day)
             lookup.done.set(job)
             job.done.rawlink(lambda _: self._forget(key, lookup))
