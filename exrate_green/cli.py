@@ -123,9 +123,10 @@ def main(argv=None):
 
 def setup_logging(settings):
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
+    from .cache.redis import redis_password  # the Redis password is a secret too
     formatter = RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        secrets=[settings.access_key] if settings.access_key else [])
+        secrets=[settings.access_key, redis_password(settings.redis_url)])
     formatter.converter = time.gmtime  # UTC, like the protocol's dates
     formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
     formatter.default_msec_format = "%s.%03dZ"

@@ -9,7 +9,7 @@ class Runtime:
     """The rate machinery a command needs, closed in reverse order of opening."""
 
     def __init__(self, settings):
-        from .cache import TableCache
+        from .cache import open_cache
         from .rates.book import RateBook
         from .rates.http import HttpClient
         from .rates.providers import make_providers
@@ -18,8 +18,7 @@ class Runtime:
         self.http = HttpClient(settings)
         self.providers = make_providers(settings, self.http)
         self.provider = self.providers[0]
-        self.cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
-        self.cache.open()
+        self.cache = open_cache(settings)  # disk, and Redis when REDIS_URL is set
         self.book = RateBook(self.providers, self.cache, ttl_s=settings.cache_ttl_s,
                              stale_s=settings.stale_if_error_s,
                              http_timeout_s=settings.http_timeout_s,

@@ -13,7 +13,7 @@ from decimal import Decimal
 import gevent
 import pytest
 
-from exrate_green.cache import TableCache
+from exrate_green.cache import TableCache, TieredCache
 from exrate_green.config import Settings
 from exrate_green.errors import RateUnavailable, UnsupportedCurrency
 from exrate_green.rates.book import WAIT_MARGIN_S, RateBook
@@ -49,8 +49,10 @@ class SlowCache:
 
     def __init__(self, cache, read_s=0.0, write_s=0.0):
         self.cache, self.read_s, self.write_s = cache, read_s, write_s
-        self.ttl_s = cache.ttl_s
         self.written = []
+
+    def flight(self, provider, key):
+        return self.cache.flight(provider, key)
 
     def get(self, provider, day):
         gevent.sleep(self.read_s)
@@ -59,8 +61,7 @@ class SlowCache:
     def put_many(self, tables):
         gevent.sleep(self.write_s)
         self.written.extend(table.day for table in tables)
-        for table in tables:
-            self.cache.put(table)
+        return self.cache.put_many(tables)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def api(bundle):
 
 @pytest.fixture
 def cache(tmp_path):
-    c = TableCache(tmp_path / "cache", TTL_S)
+    c = TieredCache(TableCache(tmp_path / "cache", TTL_S, stale_s=STALE_S))
     c.open()
     yield c
     c.close()

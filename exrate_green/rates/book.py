@@ -56,8 +56,8 @@ class RateBook:
     """Tables by day from a chain of providers, with a bounded in-memory front over ``cache``.
 
     ``providers``: the chain, in order of preference (one provider is a chain of one).
-    ``cache``: ``get(provider, day)``, ``put(table)`` (optional ``put_many(tables)``,
-    ``flight(provider, key)``). ``ttl_s``: seconds a table is fresh after its
+    ``cache``: ``get(provider, day)`` (any kept table, fresh or stale),
+    ``put_many(tables)`` and ``flight(provider, key)`` (cross-process single-flight). ``ttl_s``: seconds a table is fresh after its
     ``fetched_at``. ``stale_s``: seconds beyond that it may still answer while its provider
     fails (0: never). ``http_timeout_s``: one fetch's budget; ``wait_s`` (default
     ``http_timeout_s + WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher
@@ -81,7 +81,7 @@ class RateBook:
         self.lookups: dict = {}  # (provider, day) -> _Lookup in progress
         self.lanes = {p.name: ProviderLane(
             p, cache, concurrency=concurrency, budget_s=http_timeout_s, clock=clock,
-            on_tables=self._remember_all, breaker=CircuitBreaker(p.name, clock=clock))
+            on_tables=self._remember_all, fresh=self._fresh, breaker=CircuitBreaker(p.name, clock=clock))
             for p in providers}
         self.memory_hits = 0
         self._stale_logged_at: dict = {}

@@ -13,7 +13,6 @@ same tables finds them when the flight ends. No fetched table is thrown away: a 
 waiters gave up still fills memory and the cache.
 """
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -62,7 +61,7 @@ class ProviderLane:
 
     def __init__(self, provider, cache, *, concurrency: int, budget_s: float,
                  clock: Callable[[], float], on_tables: Callable[[list], None],
-                 breaker: CircuitBreaker | None = None):
+                 fresh: Callable[[RateTable], bool], breaker: CircuitBreaker | None = None):
         self.provider = provider
         self.name = provider.name
         self.cache = cache
@@ -70,6 +69,7 @@ class ProviderLane:
         self.budget_s = budget_s  # one fetch's budget, s: how long to wait for another process
         self.clock = clock
         self.on_tables = on_tables
+        self.fresh = fresh  # whether a table is fresh (the book's TTL and clock)
         self.breaker = breaker or CircuitBreaker(provider.name)
         self.attempts = 0
         self.fetches = 0
@@ -194,10 +194,7 @@ class ProviderLane:
     # -- the cache: cross-process flight, polling, writing --------------------------------
 
     def _flight(self, key: str):
-        flight = getattr(self.cache, "flight", None)
-        if flight is None:  # a cache without cross-process single-flight
-            return contextlib.nullcontext(True)
-        return flight(self.name, key)
+        return self.cache.flight(self.name, key)
 
     def _tables_from_another_process(self, job: Job) -> list | None:
         """The job's tables once another process wrote them, or None if they did not
@@ -216,22 +213,14 @@ class ProviderLane:
                 table = self.cache.get(self.name, day)
         except gevent.Timeout:
             return None
-        ttl_s = getattr(self.cache, "ttl_s", None)
-        if table is None or (ttl_s is not None and self.clock() >= table.fetched_at + ttl_s):
-            return None
-        return table
+        return table if table is not None and self.fresh(table) else None
 
     def _write(self, tables: list) -> None:
         if not tables:
             return
         try:
             with gevent.Timeout(WRITE_BUDGET_S):
-                put_many = getattr(self.cache, "put_many", None)
-                if put_many is not None:
-                    put_many(tables)
-                else:
-                    for table in tables:
-                        self.cache.put(table)
+                self.cache.put_many(tables)
         except gevent.Timeout:
             log.warning("%s: the cache did not take %d table(s) within %.0f s; they stay in "
                         "memory", self.name, len(tables), WRITE_BUDGET_S)
