@@ -45,10 +45,13 @@ STALE_LOG_INTERVAL_S = 60.0
 
 class _Lookup:
     """The one cache lookup in progress for a (provider, day): ``done`` gets a table (found
-    fresh) or the ``Job`` fetching it; ``held`` is a stale table to fall back on."""
+    fresh) or the ``Job`` fetching it; ``held`` is a stale table to fall back on;
+    ``unread`` is True when the cache was not read (the day joined a job already under way,
+    e.g. its month's) and must be read for a stale table if that job fails."""
 
     def __init__(self, held: RateTable | None):
         self.held = held
+        self.unread = False
         self.done = AsyncResult()
 
 
@@ -84,7 +87,9 @@ class RateBook:
             on_tables=self._remember_all, fresh=self._fresh, breaker=CircuitBreaker(p.name, clock=clock))
             for p in providers}
         self.memory_hits = 0
+        self.slow_cache_reads = 0  # cache reads that ran out of CACHE_READ_BUDGET_S
         self._stale_logged_at: dict = {}
+        self._slow_logged_at = float("-inf")
 
     @property
     def provider(self):
@@ -162,33 +167,33 @@ class RateBook:
         table = self.hot.get(key)
         if table is not None and self._fresh(table):
             return table
+        started = time.monotonic()
         lookup = self.lookups.get(key)
         if lookup is None:
             lookup = self._look_up(lane, day, table if self._usable(table) else None)
-        started = time.monotonic()
         try:
             found = lookup.done.get(timeout=max(deadline - time.monotonic(), 0))
         except gevent.Timeout:
-            return self._stale_or_raise(lane, lookup.held, RateUnavailable(
+            return self._stale_or_raise(lane, lookup, day, deadline, RateUnavailable(
                 f"the cache did not answer for {day} within {time.monotonic() - started:.1f} s"))
         except DateOutOfRange:
             raise
         except RateError as e:
-            return self._stale_or_raise(lane, lookup.held, e)
+            return self._stale_or_raise(lane, lookup, day, deadline, e)
         if isinstance(found, RateTable):
             return found
         try:
             tables = found.done.get(timeout=max(deadline - time.monotonic(), 0))
         except gevent.Timeout:
-            return self._stale_or_raise(lane, lookup.held,
+            return self._stale_or_raise(lane, lookup, day, deadline,
                                         lane.late(found, time.monotonic() - started))
         except DateOutOfRange:
             raise
         except RateError as e:
-            return self._stale_or_raise(lane, lookup.held, e)
+            return self._stale_or_raise(lane, lookup, day, deadline, e)
         table = tables.get(day)
         if table is None:
-            return self._stale_or_raise(lane, lookup.held, RateUnavailable(
+            return self._stale_or_raise(lane, lookup, day, deadline, RateUnavailable(
                 f"{lane.name} answered without the rates of {day}"))
         return table
 
@@ -200,6 +205,11 @@ class RateBook:
         try:
             if not lane.provider.needs_cache(day):
                 self._resolve(key, lookup, self._local(lane, day))
+                return lookup
+            job = lane.pending(day)
+            if job is not None:  # its month is being fetched: the cache can wait
+                lookup.unread = True
+                self._join(key, lookup, lane.submit(day))
                 return lookup
             cached = self._cache_read(lane, day)
             if cached is not None and (held is None or cached.fetched_at > held.fetched_at):
@@ -214,9 +224,7 @@ class RateBook:
             if landed is not None and self._fresh(landed):
                 self._resolve(key, lookup, landed)
                 return lookup
-            job = lane.submit(day)
-            lookup.done.set(job)
-            job.done.rawlink(lambda _: self._forget(key, lookup))
+            self._join(key, lookup, lane.submit(day))
         except RateError as e:
             self._forget(key, lookup)
             lookup.done.set_exception(e)
@@ -226,6 +234,10 @@ class RateBook:
             raise
         return lookup
 
+    def _join(self, key, lookup: _Lookup, job) -> None:
+        lookup.done.set(job)
+        job.done.rawlink(lambda _: self._forget(key, lookup))
+
     def _local(self, lane: ProviderLane, day) -> RateTable:
         """A table the provider has without a call (the bundled ECB history)."""
         table = lane.provider.fetch(day)
@@ -233,13 +245,19 @@ class RateBook:
         self._remember(table)
         return table
 
-    def _cache_read(self, lane: ProviderLane, day) -> RateTable | None:
+    def _cache_read(self, lane: ProviderLane, day,
+                    budget_s: float = CACHE_READ_BUDGET_S) -> RateTable | None:
         try:
-            with gevent.Timeout(CACHE_READ_BUDGET_S):
+            with gevent.Timeout(budget_s):
                 return self.cache.get(lane.name, day)
         except gevent.Timeout:
-            log.warning("the cache did not answer within %.1f s: %s %s treated as a miss",
-                        CACHE_READ_BUDGET_S, lane.name, day)
+            self.slow_cache_reads += 1
+            now = time.monotonic()
+            if now - self._slow_logged_at >= STALE_LOG_INTERVAL_S:
+                self._slow_logged_at = now
+                log.warning("the cache did not answer within %.1f s (%s %s): treated as a "
+                            "miss (%d slow read(s) so far)", budget_s, lane.name, day,
+                            self.slow_cache_reads)
             return None
 
     def _resolve(self, key, lookup: _Lookup, table: RateTable) -> None:
@@ -252,8 +270,14 @@ class RateBook:
 
     # -- stale if error ---------------------------------------------------------------------
 
-    def _stale_or_raise(self, lane: ProviderLane, held: RateTable | None,
+    def _stale_or_raise(self, lane: ProviderLane, lookup: _Lookup, day, deadline: float,
                         error: RateError) -> RateTable:
+        held = lookup.held
+        if held is None and lookup.unread:  # joined a job without reading: read it now
+            left = deadline - time.monotonic()
+            held = self._cache_read(lane, day, min(left, CACHE_READ_BUDGET_S)) \
+                if left > 0 else None
+            lookup.held, lookup.unread = held, False
         if held is None or not self._usable(held):
             raise error
         lane.stale_served += 1

@@ -11,7 +11,7 @@ and ``info`` may repeat the request URL, access key included.
 
 import datetime
 import time
-from decimal import Context, Decimal, ROUND_HALF_EVEN
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from ..errors import DateOutOfRange, RateUnavailable
 from ..redact import redact
@@ -149,7 +149,7 @@ def _published(answer, day):
     timestamp = answer.get("timestamp")
     if published is None and isinstance(timestamp, int) and not isinstance(timestamp, bool):
         try:
-            published = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).date()
+            published = datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
         except (OverflowError, OSError, ValueError):
             published = None
     return min(published or day, day)

@@ -13,6 +13,7 @@ JSON number as a rate).
 import datetime
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -245,7 +246,7 @@ def _retry_after_s(response):
         seconds = float(value)
     except ValueError:
         return None
-    return max(seconds, 0.0) if seconds == seconds and seconds != float("inf") else None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def _pause_before_retry(failure, attempt):
@@ -286,7 +287,7 @@ _CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 
 def utc_today():
     """Today's date in UTC: the day whose rate ``latest``/``live`` endpoints give."""
-    return datetime.datetime.now(datetime.timezone.utc).date()
+    return datetime.datetime.now(datetime.UTC).date()
 
 
 def as_day(day):

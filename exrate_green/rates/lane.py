@@ -13,6 +13,7 @@ same tables finds them when the flight ends. No fetched table is thrown away: a 
 waiters gave up still fills memory and the cache.
 """
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -80,6 +81,7 @@ class ProviderLane:
         self.jobs: dict[str, Job] = {}  # key -> the job queued or running for it
         self._queue: gevent.queue.Queue = gevent.queue.Queue()
         self._fetchers = Group()
+        self._writers = Group()  # one per fetched job until its tables are written
         self._queued = 0  # seq of the last job queued
         self._taken = 0  # seq of the last job a fetcher took
 
@@ -99,6 +101,10 @@ class ProviderLane:
         job.days.add(day)
         return job
 
+    def pending(self, day) -> Job | None:
+        """The job queued or running that will bring ``day``'s table, if there is one."""
+        return self.jobs.get(self.provider.fetch_key(day))
+
     def late(self, job: Job, waited_s: float) -> RateUnavailable:
         """The error for a waiter whose ``job`` did not finish within ``waited_s``."""
         if job.started_at is None:
@@ -110,7 +116,10 @@ class ProviderLane:
                                f"{waited_s:.1f} s (the fetch goes on and fills the cache)")
 
     def close(self, timeout: float = 1.0) -> None:
+        """Stop fetching; writes in progress get ``timeout`` seconds to land."""
         self._fetchers.kill(timeout=timeout)
+        self._writers.join(timeout=timeout)
+        self._writers.kill(timeout=timeout)
 
     # -- the fetchers -------------------------------------------------------------------
 
@@ -157,8 +166,11 @@ class ProviderLane:
 
     def _fetch_shared(self, job: Job) -> None:
         """Fetch ``job`` once for every process sharing the cache: the one holding the
-        flight calls, the others poll the cache for what it wrote."""
-        with self._flight(job.key) as ours:
+        flight calls, the others poll the cache for what it wrote. The flight is held
+        until the tables are written, by a writer greenlet, so the fetcher moves on to the
+        next job at once (a slow disk slows no fetch)."""
+        with contextlib.ExitStack() as flight:
+            ours = flight.enter_context(self._flight(job.key))
             if not ours:
                 tables = self._tables_from_another_process(job)
                 if tables is not None:
@@ -173,7 +185,7 @@ class ProviderLane:
             self.tables += len(tables)
             self.breaker.succeeded()
             self._release(job, tables)
-            self._write(tables)
+            self._writers.spawn(self._write, tables, flight.pop_all())
 
     def _release(self, job: Job, tables: list) -> None:
         """Tables known: into the book's memory, then every waiter released."""
@@ -215,12 +227,14 @@ class ProviderLane:
             return None
         return table if table is not None and self.fresh(table) else None
 
-    def _write(self, tables: list) -> None:
-        if not tables:
-            return
-        try:
-            with gevent.Timeout(WRITE_BUDGET_S):
-                self.cache.put_many(tables)
-        except gevent.Timeout:
-            log.warning("%s: the cache did not take %d table(s) within %.0f s; they stay in "
-                        "memory", self.name, len(tables), WRITE_BUDGET_S)
+    def _write(self, tables: list, flight: contextlib.ExitStack) -> None:
+        """A writer: the tables into the cache, then the flight released."""
+        with flight:
+            if not tables:
+                return
+            try:
+                with gevent.Timeout(WRITE_BUDGET_S):
+                    self.cache.put_many(tables)
+            except gevent.Timeout:
+                log.warning("%s: the cache did not take %d table(s) within %.0f s; they stay "
+                            "in memory", self.name, len(tables), WRITE_BUDGET_S)
