@@ -89,6 +89,7 @@ class RateBook:
         self.memory_hits = 0
         self.slow_cache_reads = 0  # cache reads that ran out of CACHE_READ_BUDGET_S
         self._stale_logged_at: dict = {}
+        self._fallback_logged_at: dict = {}
         self._slow_logged_at = float("-inf")
 
     @property
@@ -150,6 +151,8 @@ class RateBook:
                 failure = failure or e
                 continue
             if currency is None or currency in table.rates:
+                if failure is not None:
+                    self._log_fallback(lane, day, failure)
                 return table
             found = found or table
         if found is not None and failure is None:
@@ -288,6 +291,14 @@ class RateBook:
                         "answer(s) so far): %s", lane.name, held.day,
                         now - held.fetched_at, lane.stale_served, error)
         return held
+
+    def _log_fallback(self, lane: ProviderLane, day, failure: RateError) -> None:
+        lane.fallbacks += 1
+        now = self.clock()
+        if now - self._fallback_logged_at.get(lane.name, float("-inf")) >= STALE_LOG_INTERVAL_S:
+            self._fallback_logged_at[lane.name] = now
+            log.warning("%s answered for %s in place of the providers before it in the chain "
+                        "(%d time(s) so far): %s", lane.name, day, lane.fallbacks, failure)
 
     def _fresh(self, table: RateTable) -> bool:
         return self.clock() < table.fetched_at + self.ttl_s

@@ -56,8 +56,10 @@ class ProviderLane:
 
     ``attempts`` HTTP requests sent (retries included), ``fetches`` calls made (one per
     job, its retries included), ``failures`` fetches that failed, ``stale_served``
-    requests answered with a stale table of this provider, ``tables`` tables fetched,
-    ``shared`` jobs another process fetched for us. ``breaker`` is its ``CircuitBreaker``.
+    requests answered with a stale table of this provider, ``fallbacks`` requests this
+    provider answered because the ones before it in the chain could not, ``tables``
+    tables fetched, ``shared`` jobs another process fetched for us. ``breaker`` is its
+    ``CircuitBreaker`` (``state``, ``retry_in_s()``, ``opened``).
     """
 
     def __init__(self, provider, cache, *, concurrency: int, budget_s: float,
@@ -76,6 +78,7 @@ class ProviderLane:
         self.fetches = 0
         self.failures = 0
         self.stale_served = 0
+        self.fallbacks = 0
         self.tables = 0
         self.shared = 0
         self.jobs: dict[str, Job] = {}  # key -> the job queued or running for it
@@ -84,6 +87,7 @@ class ProviderLane:
         self._writers = Group()  # one per fetched job until its tables are written
         self._queued = 0  # seq of the last job queued
         self._taken = 0  # seq of the last job a fetcher took
+        self._retrying: Job | None = None  # the one job allowed to retry now
 
     # -- the book's side ----------------------------------------------------------------
 
@@ -135,6 +139,8 @@ class ProviderLane:
             try:
                 self._run(job)
             finally:
+                if self._retrying is job:
+                    self._retrying = None
                 if not job.done.ready():  # killed mid-job: nobody may wait for ever
                     self._settle(job, exception=RateUnavailable(
                         f"{self.name}: the fetch was stopped (shutting down)"))
@@ -179,7 +185,7 @@ class ProviderLane:
                     return
             self.fetches += 1
             tables = self.provider.fetch_tables(job.key, on_attempt=self._count_attempt,
-                                                may_retry=self.breaker.may_retry)
+                                                may_retry=lambda: self._may_retry(job))
             now = self.clock()
             tables = [dataclasses.replace(t, fetched_at=now) for t in tables]
             self.tables += len(tables)
@@ -202,6 +208,15 @@ class ProviderLane:
 
     def _count_attempt(self) -> None:
         self.attempts += 1
+
+    def _may_retry(self, job: Job) -> bool:
+        """Retries while the provider looks healthy, and by one fetch at a time: when
+        several fetches fail together, one retrying is enough to tell a blip from an
+        outage, and a dead API does not see every retry of every fetch."""
+        if not self.breaker.may_retry() or self._retrying not in (None, job):
+            return False
+        self._retrying = job
+        return True
 
     # -- the cache: cross-process flight, polling, writing --------------------------------
 
