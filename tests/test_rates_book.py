@@ -147,6 +147,25 @@ def test_a_stale_table_answers_during_an_outage_and_a_fresh_one_after_it(
     assert book.peek(MAY_18) is fresh
 
 
+def test_while_the_breaker_is_open_a_stale_table_answers_without_a_call_or_a_disk_read(
+        api, cache, clock, open_book):
+    book = open_book(cache, frankfurter=api)
+    book.get(MAY_18)
+    clock.advance(TTL_S + 1)
+    api.fail_next(10_000, "500")
+    for month in range(1, 6):                       # five failed fetches open the breaker
+        with pytest.raises(RateUnavailable):
+            book.get(datetime.date(2019, month, 7))
+    lane = book.lanes["frankfurter"]
+    assert lane.breaker.state == "open"
+    calls, reads = api.calls, cache.hits + cache.misses
+    answers = [timed(book.get, MAY_18) for _ in range(100)]
+    assert all(table.day == MAY_18 for _, table in answers)
+    assert max(dt for dt, _ in answers) < 0.05
+    assert (api.calls, cache.hits + cache.misses) == (calls, reads)
+    assert lane.stale_served == 100
+
+
 def test_a_table_past_the_stale_window_is_not_served(api, cache, clock, open_book):
     book = open_book(cache, frankfurter=api)
     book.get(MAY_18)
@@ -264,6 +283,17 @@ def test_today_still_uses_the_single_day_endpoint(api, cache, clock, open_book):
     today = datetime.datetime.now(datetime.UTC).date()
     book.get(today)
     assert api.calls_by_endpoint == {"frankfurter.latest": 1}
+
+
+def test_ecb_fetches_a_month_after_its_bundle_ends(api, cache, clock, open_book, bundle):
+    day = bundle.last_day + datetime.timedelta(days=3)
+    if day >= datetime.datetime.now(datetime.UTC).date():
+        pytest.skip("the bundled history reaches today: no day after it in the past")
+    book = open_book(cache, "ecb", frankfurter=api)
+    assert book.get(bundle.last_day).provider == "ecb" and api.calls == 0   # offline
+    table = book.get(day)
+    assert (table.provider, table.published) == ("ecb", bundle.last_day)
+    assert api.calls_by_endpoint == {"frankfurter.range": 1}
 
 
 # --- budgets -------------------------------------------------------------------------------

@@ -58,6 +58,20 @@ def test_a_cold_storm_of_two_thousand_days_gets_no_error_and_one_call_per_month(
 CONVERT = ["convert", "100", "USD", "2021-05-18"]
 
 
+def test_convert_says_which_provider_of_the_chain_answered(tmp_path):
+    with FakeRateApi() as api:
+        env = service_env(tmp_path, EXRATE_PROVIDER="frankfurter,exchangerate.host",
+                          EXCHANGE_ACCESS_KEY="k3y", FRANKFURTER_URL=api.frankfurter_url,
+                          EXCHANGERATE_HOST_URL=api.exchangerate_host_url)
+        usd = subprocess.run([sys.executable, str(BIN), *CONVERT], env=env, cwd=str(ROOT),
+                             capture_output=True, text=True, timeout=30, check=False)
+        uah = subprocess.run([sys.executable, str(BIN), "convert", "100", "UAH", "2021-05-18"],
+                             env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30, check=False)
+    assert usd.returncode == 0 and "frankfurter publication of 2021-05-18" in usd.stdout, usd
+    assert uah.returncode == 0 and "exchangerate.host publication" in uah.stdout, uah
+    assert "k3y" not in usd.stdout + usd.stderr + uah.stdout + uah.stderr
+
+
 def test_two_processes_on_one_cache_directory_make_one_call_per_table(tmp_path):
     with FakeRateApi(latency_s=0.5) as api:
         env = service_env(tmp_path, EXRATE_PROVIDER="frankfurter",

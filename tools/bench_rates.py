@@ -22,7 +22,7 @@ API; the scenarios use only what both trees have. Scenarios:
 Everything runs in this process (service, simulator, fake API) on loopback.
 """
 
-from gevent import monkey; monkey.patch_all()  # noqa: E702,I001  before ssl/socket load
+from gevent import monkey; monkey.patch_all()  # noqa: I001  before ssl/socket load
 
 import argparse
 import datetime
@@ -113,7 +113,7 @@ def pct(values, p):
     values = sorted(values)
     if not values:
         return None
-    return values[min(len(values) - 1, max(int(round(p / 100 * len(values))) - 1, 0))]
+    return values[min(len(values) - 1, max(round(p / 100 * len(values)) - 1, 0))]
 
 
 # --- scenarios --------------------------------------------------------------------------

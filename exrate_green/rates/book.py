@@ -209,6 +209,8 @@ class RateBook:
             if not lane.provider.needs_cache(day):
                 self._resolve(key, lookup, self._local(lane, day))
                 return lookup
+            if held is not None:
+                lane.breaker.check()  # down, and a table in memory: no need for the disk
             job = lane.pending(day)
             if job is not None:  # its month is being fetched: the cache can wait
                 lookup.unread = True

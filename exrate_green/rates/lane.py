@@ -159,10 +159,10 @@ class ProviderLane:
             self._settle(job, exception=e)
         except RateUnavailable as e:
             self._failed(job, e)
-        except Exception as e:  # a provider bug must not leave waiters hanging
+        except Exception:  # a provider bug must not leave waiters hanging
             log.exception("%s: fetching %s failed", self.name, job.key)
             self._failed(job, RateUnavailable(
-                f"internal error while fetching from {self.name} ({type(e).__name__})"))
+                f"internal error while fetching from {self.name} (logged)"))
 
     def _failed(self, job: Job, error: RateUnavailable) -> None:
         self.failures += 1
