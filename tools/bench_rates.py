@@ -19,6 +19,10 @@ API; the scenarios use only what both trees have. Scenarios:
   alone, it has no chains) with exchangerate.host answering code 104 to every call; 400
   requests over 100 days in USD, GBP, CZK and UAH: success share of ECB currencies, calls.
 
+* ``storm``: an empty cache, 20,000 requests over 2,000 distinct days sent within about
+  8 s, Frankfurter 200 ms away: error replies, API calls, reply p50/p99, peak RSS growth.
+  (Heartbeat timeout 5 s: the simulator's sending shares the process and its cores.)
+
 Everything runs in this process (service, simulator, fake API) on loopback.
 """
 
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import gevent
 
-SCENARIOS = ("cold365", "outage", "quota")
+SCENARIOS = ("cold365", "outage", "quota", "storm")
 
 
 def main(argv=None):
@@ -141,7 +145,7 @@ def cold365(tmp, args):
 
 def outage(tmp, args):
     warm = [datetime.date(2021, 3, 1) + datetime.timedelta(days=i) for i in range(30)]
-    unheld = [datetime.date(2019, 1, 1) + datetime.timedelta(days=40 * i) for i in range(200)]
+    unheld = [datetime.date(2005, 1, 1) + datetime.timedelta(days=40 * i) for i in range(100)]
     with Running(tmp / "cache", provider="frankfurter", cache_ttl_s=5.0) as run:
         for day in warm:
             run.send(day)
@@ -198,6 +202,38 @@ def quota(tmp, args):
                 "exchangerate_host_calls": run.api.calls}
 
 
+def storm(tmp, args):
+    import psutil
+    first = datetime.date(2015, 1, 1)
+    days = [first + datetime.timedelta(days=i) for i in range(2000)]
+    process = psutil.Process()
+    with Running(tmp / "cache", latency_s=0.2, provider="frankfurter",
+                 heartbeat_timeout_s=5.0) as run:
+        rss_before, peak = process.memory_info().rss, [0]
+
+        def sample():
+            while True:
+                peak[0] = max(peak[0], process.memory_info().rss)
+                gevent.sleep(0.1)
+
+        sampler = gevent.spawn(sample)
+        started = time.monotonic()
+        for i in range(20_000):
+            run.send(days[i % 2000], "USD", 10 + i % 997)
+            if i % 250 == 249:
+                gevent.sleep(0.1)
+        run.up.wait_until(lambda: run.up.replies >= 20_000, 90)
+        took_s = time.monotonic() - started
+        sampler.kill()
+        report = run.up.report()
+        return {"requests": 20_000, "replies": report["replies"],
+                "error_replies": report["error_replies"], "api_calls": run.api.calls,
+                "reply_p50_ms": report["latency_p50_ms"], "reply_p99_ms": report["latency_p99_ms"],
+                "took_s": round(took_s, 1), "rss_growth_mb": round((peak[0] - rss_before) / 2**20),
+                "reconnects": report["connections"] - 1,
+                "error_reasons": _top(report["error_reasons"], 3)}
+
+
 def _ms(seconds):
     return None if seconds is None else round(seconds * 1000, 1)
 
@@ -206,7 +242,7 @@ def _top(reasons, n=2):
     return dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:n])
 
 
-SCENARIO_RUNS = {"cold365": cold365, "outage": outage, "quota": quota}
+SCENARIO_RUNS = {"cold365": cold365, "outage": outage, "quota": quota, "storm": storm}
 
 if __name__ == "__main__":
     sys.exit(main())
