@@ -145,6 +145,8 @@ class Service:
             return failures
         self.stats.reconnects += 1
         log.warning("disconnected: %s; reconnecting", cause)
+        if conn.violation is not None:  # the upstream broke RFC 6455: retry at once, no growth
+            return 0 if session.heartbeats_received else min(failures, 1)
         return 0 if session.heartbeats_received else failures + 1
 
     def stop(self):
