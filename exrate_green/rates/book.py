@@ -114,22 +114,37 @@ class RateBook:
     # -- the reader's side: never yields --------------------------------------------------
 
     def peek(self, day, currency: str | None = None) -> RateTable | None:
-        """A fresh table for ``day`` in memory, else ``None``. Never yields, no I/O.
+        """A table for ``day`` in memory that needs no lookup, else ``None``. Never yields,
+        no I/O.
 
-        With ``currency``: the first provider's table that quotes it, if every provider
-        before it has a fresh table in memory too; if none quotes it, the first table.
+        Providers are taken in chain order: a fresh table answers (with ``currency``: if it
+        quotes it, else the next provider is asked); a provider whose breaker is open
+        answers with a stale table it holds (stale-if-error), or is skipped when it holds
+        none. A provider with nothing fresh and a closed breaker needs a lookup: ``None``.
+        If no provider quotes ``currency``, the first table (its ``rate`` says so), unless
+        a provider was skipped (``get`` may find its table in the cache).
         """
-        first = None
+        first, skipped = None, False
         now = self.clock()
-        for name in self.lanes:
+        for name, lane in self.lanes.items():
             table = self.hot.get((name, day))
-            if table is None or now >= table.fetched_at + self.ttl_s:
-                return None
+            fresh = table is not None and now < table.fetched_at + self.ttl_s
+            if not fresh:
+                if lane.breaker.is_closed or lane.breaker.retry_in_s() <= 0:
+                    return None
+                if not self._usable(table):
+                    skipped = True
+                    continue
             if currency is None or currency in table.rates:
                 self.memory_hits += 1
+                if not fresh:
+                    self._served_stale(lane, table, "its breaker is open")
                 return table
             first = first or table
-        self.memory_hits += 1
+        if skipped and currency is not None:
+            return None
+        if first is not None:
+            self.memory_hits += 1
         return first
 
     # -- the waiting side -----------------------------------------------------------------
@@ -285,14 +300,18 @@ class RateBook:
             lookup.held, lookup.unread = held, False
         if held is None or not self._usable(held):
             raise error
+        self._served_stale(lane, held, error)
+        return held
+
+    def _served_stale(self, lane: ProviderLane, table: RateTable, why) -> None:
+        """Count a stale answer; log one line a minute per provider."""
         lane.stale_served += 1
         now = self.clock()
         if now - self._stale_logged_at.get(lane.name, float("-inf")) >= STALE_LOG_INTERVAL_S:
             self._stale_logged_at[lane.name] = now
             log.warning("serving stale rates of %s (%s, fetched %.0f s ago; %d stale "
-                        "answer(s) so far): %s", lane.name, held.day,
-                        now - held.fetched_at, lane.stale_served, error)
-        return held
+                        "answer(s) so far): %s", lane.name, table.day,
+                        now - table.fetched_at, lane.stale_served, why)
 
     def _log_fallback(self, lane: ProviderLane, day, failure: RateError) -> None:
         lane.fallbacks += 1
