@@ -28,7 +28,7 @@ from gevent.event import AsyncResult
 from ..errors import DateOutOfRange, RateError, RateUnavailable
 from .breaker import CircuitBreaker
 from .lane import ProviderLane
-from .table import RateTable
+from .table import FIRST_DAY, RateTable
 
 log = logging.getLogger("exrate_green.rates")
 
@@ -155,6 +155,8 @@ class RateBook:
         table = self.peek(day, currency)
         if table is not None:
             return table
+        if day < FIRST_DAY:  # no provider has anything: say so, whatever their breakers
+            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
         deadline = time.monotonic() + self.wait_s
         found, failure = None, None
         for lane in self.lanes.values():
