@@ -300,6 +300,36 @@ def test_ecb_fetches_a_month_after_its_bundle_ends(api, cache, clock, open_book,
     assert api.calls_by_endpoint == {"frankfurter.range": 1}
 
 
+# --- the fetch path ------------------------------------------------------------------------
+
+def test_fetch_concurrency_bounds_the_calls_a_provider_gets(api, cache, clock, open_book):
+    api.latency_s = 0.1
+    book = open_book(cache, "exchangerate.host", ehost=api, fetch_concurrency=3)
+    days = [MAY_18 + datetime.timedelta(days=n) for n in range(12)]
+    waiters = [gevent.spawn(book.get, day) for day in days for _ in range(5)]
+    gevent.joinall(waiters, timeout=10, raise_error=True)
+    assert api.calls == 12 and api.max_concurrent == 3
+    assert book.lanes["exchangerate.host"].attempts == 12
+
+
+def test_a_waiter_the_queue_cannot_reach_in_time_is_told_so_and_its_table_still_lands(
+        api, cache, clock, open_book):
+    api.latency_s = 0.8                # concurrency 1: fetches end at 0.8, 1.6, 2.4, 3.2 s
+    book = open_book(cache, "exchangerate.host", ehost=api, fetch_concurrency=1)
+    days = [MAY_18 + datetime.timedelta(days=n) for n in range(4)]
+    waits = [gevent.spawn(timed, book.get, day) for day in days]
+    gevent.joinall(waits, timeout=10)
+    (t1, first), (t2, second), (t3, third), (t4, fourth) = [g.value for g in waits]
+    assert first.day == days[0] and second.day == days[1]
+    assert max(t1, t2, t3, t4) < BUDGET_S + WAIT_MARGIN_S + 0.3
+    # the budget (1 s + 1 s) ends while the third is being fetched and the fourth queues
+    assert "exchangerate.host did not answer for 2021-05-20 within" in third.reason
+    assert ("exchangerate.host could not get to the rates of 2021-05-21 in time: still "
+            "queued after") in fourth.reason
+    assert wait_for(lambda: all(book.peek(day) for day in days), 5)   # nothing thrown away
+    assert api.calls == 4
+
+
 # --- budgets -------------------------------------------------------------------------------
 
 def test_waiters_are_released_before_a_slow_cache_write(api, cache, clock, open_book):

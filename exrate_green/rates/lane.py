@@ -115,7 +115,8 @@ class ProviderLane:
             ahead = max(job.seq - self._taken - 1, 0)
             return RateUnavailable(
                 f"{self.name} could not get to the rates of {job.key} in time: still queued "
-                f"behind {ahead} other fetch{'es' if ahead != 1 else ''} after {waited_s:.1f} s")
+                f"after {waited_s:.1f} s ({self.concurrency} fetch(es) under way, {ahead} "
+                f"more ahead of it)")
         return RateUnavailable(f"{self.name} did not answer for {job.key} within "
                                f"{waited_s:.1f} s (the fetch goes on and fills the cache)")
 

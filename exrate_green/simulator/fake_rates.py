@@ -18,6 +18,7 @@ import collections
 import datetime
 import json
 import logging
+import typing
 import urllib.parse
 import wsgiref.util
 from decimal import Context, Decimal
@@ -69,7 +70,7 @@ class FakeRateApi:
     rate routes, ``calls_by_day`` counts single-day ones by the day asked for (a
     ``datetime.date``; ``latest``/``live`` count under today's UTC date),
     ``calls_by_range`` range calls by (start, end), ``calls_by_endpoint`` every call by
-    endpoint (``ENDPOINTS``).
+    endpoint (``ENDPOINTS``), ``max_concurrent`` the most requests in progress at once.
     """
 
     def __init__(self, host="127.0.0.1", port=0, *, latency_s=0.0, extra_rates=None,
@@ -82,6 +83,8 @@ class FakeRateApi:
         self.calls_by_day = collections.Counter()
         self.calls_by_range = collections.Counter()
         self.calls_by_endpoint = collections.Counter()
+        self.max_concurrent = 0  # most requests being answered at once
+        self._active = 0
         self._bundle = bundle or EcbBundle()
         self._faults = collections.deque()
         self._stopping = gevent.event.Event()
@@ -142,6 +145,7 @@ class FakeRateApi:
         self.calls_by_day.clear()
         self.calls_by_range.clear()
         self.calls_by_endpoint.clear()
+        self.max_concurrent = 0
         self._faults.clear()
 
     # --- the WSGI application ----------------------------------------------------------
@@ -151,21 +155,26 @@ class FakeRateApi:
         if request is None:
             return _json(start_response, "404 Not Found", {"message": "not found"})
         self._count(request)
-        if self.latency_s > 0:
-            self._stopping.wait(self.latency_s)
-        if self._faults:
-            return self._FAILURES[self._faults.popleft()](self, request, start_response)
-        if request.endpoint == "frankfurter.range":
-            return self._frankfurter_range(request, start_response)
-        if request.shape == "frankfurter":
-            return self._frankfurter(request, start_response)
-        return self._exchangerate_host(request, start_response)
+        self._active += 1
+        self.max_concurrent = max(self.max_concurrent, self._active)
+        try:
+            if self.latency_s > 0:
+                self._stopping.wait(self.latency_s)
+            if self._faults:
+                return self._FAILURES[self._faults.popleft()](self, request, start_response)
+            if request.endpoint == "frankfurter.range":
+                return self._frankfurter_range(request, start_response)
+            if request.shape == "frankfurter":
+                return self._frankfurter(request, start_response)
+            return self._exchangerate_host(request, start_response)
+        finally:
+            self._active -= 1
 
     def _route(self, environ):
         path = environ.get("PATH_INFO", "")
         query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
         url = wsgiref.util.request_uri(environ)
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
         if path in ("/v1/latest", "/v1/latest/"):
             return _Request("frankfurter", today, query, url, "frankfurter.latest")
         if path.startswith("/v1/") and ".." in path:
@@ -279,8 +288,9 @@ class FakeRateApi:
                           "Your monthly usage limit has been reached. Please upgrade your "
                           "Subscription Plan.")
 
-    _FAILURES = {"500": _fail_500, "429": _fail_429, "hang": _fail_hang,
-                 "bad_json": _fail_bad_json, "api_error": _fail_api_error}
+    _FAILURES: typing.ClassVar[dict] = {"500": _fail_500, "429": _fail_429, "hang": _fail_hang,
+                                         "bad_json": _fail_bad_json,
+                                         "api_error": _fail_api_error}
 
 
 def _day(text):
@@ -292,7 +302,7 @@ def _day(text):
 
 def _end_of_day(day):
     """The epoch second at which ``day``'s rates were last quoted (23:59:59 UTC)."""
-    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.timezone.utc)
+    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.UTC)
     return int(moment.timestamp())
 
 
