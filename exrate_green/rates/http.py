@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 import urllib.parse
 from decimal import Decimal, InvalidOperation
@@ -27,6 +26,7 @@ import urllib3.exceptions
 
 from .. import __version__
 from ..errors import RateUnavailable
+from ..protocol import is_currency_code  # noqa: F401  the one validator, for the providers
 from ..redact import redact
 
 log = logging.getLogger(__name__)
@@ -282,9 +282,6 @@ def _refuse_constant(name):
 
 # --- shared by the providers ---------------------------------------------------------
 
-_CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
-
-
 def utc_today():
     """Today's date in UTC: the day whose rate ``latest``/``live`` endpoints give."""
     return datetime.datetime.now(datetime.UTC).date()
@@ -300,10 +297,6 @@ def as_day(day):
     if isinstance(day, datetime.date):
         return datetime.date(day.year, day.month, day.day)
     raise TypeError(f"a datetime.date is needed, not {type(day).__name__}")
-
-
-def is_currency_code(code):
-    return isinstance(code, str) and bool(_CURRENCY_CODE.match(code))
 
 
 def to_rate(value):
