@@ -174,7 +174,7 @@ def convert(settings, amount, currency, date):
         return 2
     runtime = Runtime(settings)
     try:
-        table = runtime.book.get(day)
+        table = runtime.book.get(day, code)
         rate = table.rate(code)
         stake_eur = protocol.convert(stake, rate)
     except (RateError, ProtocolError) as e:
