@@ -14,7 +14,8 @@ Commands:
   (none)      Run the service: connect to EXRATE_URL and answer until SIGTERM/SIGINT.
   demo        Run the bundled upstream simulator and a fake rate API on loopback, and the
               service against them, offline; print a summary at the end.
-  cache       Inspect the on-disk rate cache: list, show DAY (YYYY-MM-DD), stats, clear.
+  cache       Inspect the rate cache, every tier (disk; Redis with REDIS_URL): list,
+              show DAY (YYYY-MM-DD), stats, clear.
   convert     One conversion through the service's code path, e.g. convert 253.67 USD 2021-05-18.
   simulate    Run the currency-assignment simulator as a standalone WebSocket server for any
               client: paced requests, scripted faults, reply validation, a JSON report.
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def setup_logging(settings: Settings) -> None:
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
+    from .cache.redis import redis_password  # the Redis password is a secret too
     formatter = RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        secrets=[settings.access_key] if settings.access_key else [])
+        secrets=[settings.access_key, redis_password(settings.redis_url)])
     formatter.converter = time.gmtime  # UTC, like the protocol's dates
     formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
     formatter.default_msec_format = "%s.%03dZ"
@@ -202,7 +204,7 @@ def convert(settings: Settings, amount: str, currency: str, date: str | None) ->
         return 2
     runtime = Runtime(settings)
     try:
-        table = runtime.book.get(day)
+        table = runtime.book.get(day, code)
         rate = table.rate(code)
         stake_eur = protocol.convert(stake, rate)
     except (RateError, ProtocolError) as e:

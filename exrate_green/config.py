@@ -42,6 +42,8 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 2.0
     http_timeout_s: float = 5.0
+    #: concurrent rate fetches per provider (fetcher greenlets, pooled connections)
+    fetch_concurrency: int = 8
     http_connect_timeout_s: float = 2.0
     shutdown_grace_s: float = 10.0
     show_messages: bool = False
@@ -94,11 +96,17 @@ class Settings:
         _check_url(name("url"), self.url, ("ws", "wss"))
         _check_url(name("exchangerate_host_url"), self.exchangerate_host_url, ("http", "https"))
         _check_url(name("frankfurter_url"), self.frankfurter_url, ("http", "https"))
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"{name('provider')}: unknown provider {self.provider!r}: "
-                              f"choose one of {', '.join(PROVIDERS)}")
-        if self.provider == "exchangerate.host" and not self.access_key:
+        for provider in self.providers:
+            if provider not in PROVIDERS:
+                raise ConfigError(f"{name('provider')}: unknown provider {provider!r}: choose "
+                                  f"one or more of {', '.join(PROVIDERS)}, comma-separated")
+        if len(set(self.providers)) != len(self.providers):
+            raise ConfigError(f"{name('provider')} names a provider twice: {self.provider!r}")
+        if "exchangerate.host" in self.providers and not self.access_key:
             raise ConfigError("provider exchangerate.host needs EXCHANGE_ACCESS_KEY")
+        if not 1 <= self.fetch_concurrency <= 256:
+            raise ConfigError(f"{name('fetch_concurrency')} must be 1-256, "
+                              f"got {self.fetch_concurrency!r}")
         for field in ("cache_ttl_s", "heartbeat_interval_s", "heartbeat_timeout_s",
                       "http_timeout_s", "http_connect_timeout_s", "shutdown_grace_s",
                       "redelivery_window_s", "reconnect_max_delay_s", "summary_interval_s",
@@ -125,6 +133,12 @@ class Settings:
                               f"choose one of {', '.join(LOG_LEVELS)}")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"{name('ca_file')}: CA file {self.ca_file!r} does not exist")
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The provider chain, in order of preference: ``"exchangerate.host,ecb"`` gives
+        ``("exchangerate.host", "ecb")``."""
+        return tuple(name.strip() for name in self.provider.split(","))
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -156,6 +170,7 @@ _ENVIRONMENT = (
      lambda v: v.strip().lower() not in ("0", "false", "no")),
     ("EXRATE_SEND_TIMEOUT", "send_timeout_s", float),
     ("EXRATE_METRICS_PORT", "metrics_port", int),
+    ("EXRATE_FETCH_CONCURRENCY", "fetch_concurrency", int),
 )
 
 

@@ -219,7 +219,7 @@ class Service:
                     session.on_heartbeat()
                     continue
                 self.stats.requests += 1
-                table = self.book.peek(request.day)
+                table = self.book.peek(request.day, request.currency)
                 if table is None:
                     if self.waiting.full():
                         replies = self._wait_for_room(replies, started, session)
@@ -271,7 +271,7 @@ class Service:
     def convert_later(self, request, received_at):
         """A request whose table is not in memory: wait for it, off the receive loop."""
         try:
-            table = self.book.get(request.day)
+            table = self.book.get(request.day, request.currency)
             reply = self.answer(request, table, protocol.timestamp(datetime.datetime.now(_UTC)))
         except RateError as e:
             self.stats.error(e.kind)
