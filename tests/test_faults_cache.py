@@ -176,9 +176,10 @@ def tmpfs(path, size):
 
 
 def test_cache_on_a_read_only_filesystem(tmp_path):
+    from decimal import Decimal
+
     from exrate_green.cache import TableCache
     from exrate_green.rates.table import RateTable
-    from decimal import Decimal
 
     with tmpfs(tmp_path / "ro", "4m") as mnt:
         cache_dir = mnt / "cache"
