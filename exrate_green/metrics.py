@@ -235,12 +235,12 @@ def _tiers(book: Any) -> Iterable[tuple[str, Mapping[str, int | None]]]:
     rows: list[tuple[str, Mapping[str, int | None]]] = [
         ("memory", {"hits": getattr(book, "memory_hits", 0)})]
     cache = getattr(book, "cache", None)
-    tier_counts = getattr(cache, "tier_counts", None)
-    if callable(tier_counts):
-        rows += list(tier_counts().items())
-    elif cache is not None and hasattr(cache, "hits"):
-        rows.append(("disk", {"hits": cache.hits, "misses": getattr(cache, "misses", None),
-                              "errors": getattr(cache, "errors", None)}))
+    tiers = getattr(cache, "tiers", None)
+    if tiers is None and cache is not None:
+        tiers = [cache]  # a single disk cache
+    for tier in tiers or ():
+        rows.append((getattr(tier, "name", "disk"),
+                     {key: getattr(tier, key, None) for key in ("hits", "misses", "errors")}))
     return rows
 
 

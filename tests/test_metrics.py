@@ -89,6 +89,33 @@ def test_rate_api_calls_are_counted_by_provider_as_the_api_saw_them(tmp_path):
     assert hits >= 1
 
 
+def test_a_failing_rate_api_shows_as_failures_error_replies_and_an_open_breaker(tmp_path):
+    with FakeRateApi() as api, Upstream(heartbeat_interval_s=0.2) as up, \
+            running_service(up.url, tmp_path, provider="frankfurter", http_timeout_s=1.0,
+                            frankfurter_url=api.frankfurter_url, **FAST_BEATS) as service:
+        api.fail_next(10_000, "500")
+        server = MetricsServer(service, 0, host="127.0.0.1").start()
+        try:
+            assert up.wait_for_connections(1, 5)
+            ids = [up.send_request({"marketId": 1, "selectionId": 2, "odds": 2.5, "stake": 10,
+                                    "currency": "USD", "date": f"2020-{month:02d}-18"})
+                   for month in range(1, 8)]
+            replies = [up.wait_for_reply(rid, 15) for rid in ids]
+            figures = scrape(server.port)
+        finally:
+            server.stop()
+    assert all(reply and reply["type"] == "error" for reply in replies), replies
+    frankfurter = (("provider", "frankfurter"),)
+    assert figures[("exrate_rate_api_calls_total", frankfurter)] == api.calls > 0
+    assert figures[("exrate_rate_api_failures_total", frankfurter)] >= 5
+    assert figures[("exrate_error_replies_total", (("reason", "rate_unavailable"),))] == 7
+    open_state = (("provider", "frankfurter"), ("state", "open"))
+    assert figures[("exrate_circuit_breaker_state", open_state)] == 1
+    closed_state = (("provider", "frankfurter"), ("state", "closed"))
+    assert figures[("exrate_circuit_breaker_state", closed_state)] == 0
+    assert figures[("exrate_cache_misses_total", (("tier", "disk"),))] >= 1
+
+
 def test_healthz_is_200_while_connected_and_503_with_a_reason_once_heartbeats_stop(tmp_path):
     with Upstream(heartbeat_interval_s=0.2) as up, \
             running_service(up.url, tmp_path, **FAST_BEATS) as service:

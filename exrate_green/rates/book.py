@@ -64,7 +64,8 @@ class RateBook:
     ``ttl_s``: seconds a table is fresh after its ``fetched_at``. ``stale_s``: seconds
     beyond that it may still answer while its provider fails (0: never).
     ``http_timeout_s``: one fetch's budget; ``wait_s`` (default ``http_timeout_s +
-    WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher greenlets per provider. ``clock``: epoch seconds (freshness, breakers).
+    WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher greenlets per provider.
+    ``clock``: epoch seconds (freshness, breakers).
 
     ``lanes`` maps provider name to its ``ProviderLane`` (counters and breaker, for metrics).
     """
