@@ -46,6 +46,9 @@ class Connection:
         self._skip_bytes = 0  # left of an oversize frame's payload to discard
         self._skip_message = False  # discard continuation frames of an oversize message
         self._close_frame = None  # (status bytes, cause) of a close frame read, not yet acted on
+        #: called before a close frame answers the peer's: replies queued elsewhere for
+        #: requests read before it go first (the session's writer drains its outbox)
+        self.before_close = None
 
     @classmethod
     def open(cls, url, *, timeout_s, ca_file=None, max_frame_bytes=1 << 20):
@@ -216,6 +219,8 @@ class Connection:
             pass
 
     def _answer_close(self, code_bytes):
+        if self.before_close is not None:
+            self.before_close()
         try:
             self.send_frame(OP_CLOSE, code_bytes)
         except ConnectionClosed:

@@ -26,6 +26,8 @@ MAX_STAKE = Decimal("1e12")
 FIVE_PLACES = Decimal("0.00001")
 MAX_FUTURE = datetime.timedelta(days=1)  # clock skew between us and the upstream
 _UTC = datetime.timezone.utc
+#: hh:mm:60 in a timestamp (an RFC 3339 leap second), read as hh:mm:59
+_LEAP_SECOND = re.compile(r"(?<=^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ])([0-9]{2}:[0-9]{2}):60(?![0-9])")
 #: what a quoted value must not carry raw into a log line
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: orjson reads nesting 1024 deep but writes only 254, and the lenient parser lets through
@@ -124,13 +126,19 @@ def read_currency(value):
 
 
 def read_day(value, today):
-    """The UTC calendar day of an ISO 8601 date or timestamp (naive means UTC)."""
+    """The UTC calendar day of an ISO 8601 / RFC 3339 date or timestamp (naive means UTC).
+
+    RFC 3339 allows a lowercase ``t`` and ``z`` and a leap second (``23:59:60Z``); Python's
+    parser takes neither the ``z`` nor second 60, so a leap second is read as second 59 of
+    the same minute: the same day, which is all a rate lookup needs.
+    """
     if type(value) is not str:
         raise ProtocolError(f"date must be a string, got {_show(value)}")
     try:
         if len(value) > 40:
             raise ValueError
-        moment = datetime.datetime.fromisoformat(value)
+        text = value[:-1] + "Z" if value.endswith("z") else value
+        moment = datetime.datetime.fromisoformat(_LEAP_SECOND.sub(r"\1:59", text, count=1))
         if moment.tzinfo is not None:
             moment = moment.astimezone(_UTC)
         day = moment.date()

@@ -106,7 +106,9 @@ def test_a_conversion_past_the_grace_is_dropped_and_the_exit_is_on_time(tmp_path
             service.kill()
     out = service.output
     assert code == 0, out[-3000:]
-    assert 1.0 <= exit_s < 4.0, exit_s
+    # conversions get the grace minus the close frame's reserve (a quarter of 1 s here);
+    # the exit comes within the grace plus the documented margin
+    assert 0.75 <= exit_s < 1.0 + 1.0 + 0.6, exit_s
     assert "grace period over: 1 conversion(s) abandoned" in out, out[-3000:]
     requests, replies, redelivered, dropped = map(int, SUMMARY.findall(out)[-1])
     assert (requests, dropped) == (1, 1)

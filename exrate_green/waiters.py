@@ -1,0 +1,135 @@
+"""Requests waiting for a rate table, grouped by the day they wait for.
+
+A request whose day's table is not in memory is held here as the small parsed object it
+already is: one list per day and ONE greenlet per day waiting on ``book.get(day)``, not a
+greenlet per request. When the table comes (or its error), every request of that day is
+answered in slices, yielding between them so heartbeats and the reader keep their turn.
+
+Two bounds make the reader stop (back-pressure) instead of memory growing: requests held
+(``max_requests``, EXRATE_MAX_IN_FLIGHT) and days being waited for (``max_days``: each is a
+greenlet and a fetch in the rate book).
+"""
+
+import logging
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Group
+
+from .errors import RateError
+
+log = logging.getLogger("exrate_green.service")
+
+#: requests answered between two yields to the hub when a day's table arrives
+SLICE = 256
+
+
+class Waiters:
+    """Requests by day, answered by ``answer(requests, table_or_error)`` when it comes.
+
+    ``answer`` gets a list of (request, received_at) and either the table or the
+    ``RateError``; it must not yield. ``on_done`` is called after each slice (progress).
+    """
+
+    def __init__(self, book, answer, *, max_requests: int, max_days: int, on_done=None):
+        self.book = book
+        self.answer = answer
+        self.on_done = on_done
+        self.max_requests = max_requests
+        self.max_days = max_days
+        self.by_day = {}  # day -> [(request, received_at), ...]
+        self.count = 0  # requests held
+        self.group = Group()
+        self._room = Event()
+        self._room.set()
+        self._idle = Event()
+        self._idle.set()
+
+    def __len__(self):
+        return self.count
+
+    def __bool__(self):
+        return self.count > 0
+
+    def days(self) -> int:
+        return len(self.by_day)
+
+    def has_room(self, day) -> bool:
+        """True if a request for ``day`` can be held now."""
+        if self.count >= self.max_requests:
+            return False
+        return day in self.by_day or len(self.by_day) < self.max_days
+
+    def full(self) -> bool:
+        return self.count >= self.max_requests or len(self.by_day) >= self.max_days
+
+    def add(self, request, received_at):
+        """Hold ``request`` until its day's table comes; the caller checked ``has_room``."""
+        day = request.day
+        held = self.by_day.get(day)
+        if held is None:
+            held = self.by_day[day] = []
+            self.group.spawn(self._wait_for, day)
+        held.append((request, received_at))
+        self.count += 1
+        self._idle.clear()
+        if self.full():
+            self._room.clear()
+
+    def wait_for_room(self, day, timeout=None) -> bool:
+        """Block until a request for ``day`` can be held; False on timeout."""
+        while not self.has_room(day):
+            self._room.clear()
+            if not self._room.wait(timeout):
+                return False
+        return True
+
+    def join(self, timeout=None) -> bool:
+        """Wait until no request is held; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def kill(self, timeout=1.0) -> int:
+        """Abandon every held request; returns how many were abandoned."""
+        abandoned = self.count
+        self.group.kill(timeout=timeout)
+        self.by_day.clear()
+        self.count = 0
+        self._changed()
+        return abandoned
+
+    def _wait_for(self, day):
+        try:
+            outcome = self.book.get(day)
+        except RateError as e:
+            outcome = e
+            held = len(self.by_day.get(day, ()))
+            log.warning("no rate table for %s: %s; %d request(s) get an error reply",
+                        day.isoformat(), e, held)
+        except Exception as e:  # a bug must still leave the requests answered
+            log.exception("waiting for the rate table of %s failed", day)
+            outcome = RateError(f"internal error ({type(e).__name__})")
+        held = self.by_day.pop(day, [])
+        done = 0
+        try:
+            while done < len(held):
+                part = held[done:done + SLICE]
+                done += len(part)
+                try:
+                    self.answer(part, outcome)  # never yields
+                finally:
+                    self.count -= len(part)
+                    self._changed()
+                if self.on_done is not None:
+                    self.on_done()
+                if done < len(held):
+                    gevent.idle()
+        finally:
+            if done < len(held):  # killed between slices: the rest is abandoned
+                self.count -= len(held) - done
+                self._changed()
+
+    def _changed(self):
+        if not self.full():
+            self._room.set()
+        if self.count == 0:
+            self._idle.set()
