@@ -22,11 +22,10 @@ from pathlib import Path
 import gevent
 import pytest
 
+import exrate_green.rates.http  # noqa: F401  imported up front: importing requests is slow
 from exrate_green.simulator import FakeRateApi, Upstream
 
 from .support import running_service, service_env, start_service, wait_until
-
-import exrate_green.runtime  # noqa: E402,F401  imported here: its first import blocks a while
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,7 +110,7 @@ def test_a_peer_that_stops_reading_for_seconds_loses_nothing_and_keeps_one_conne
 
 
 def test_a_burst_backlog_far_longer_than_the_heartbeat_timeout_keeps_the_link(tmp_path):
-    n, timeout_s = 120_000, 0.3
+    n, timeout_s = 60_000, 0.3
     with Peer(heartbeat_s=0.1) as peer, running_service(
             peer.url, tmp_path, heartbeat_interval_s=0.1, heartbeat_timeout_s=timeout_s) as service:
         assert wait_until(lambda: service.session and service.session.heartbeats_received, 5)
@@ -246,7 +245,7 @@ def test_sigterm_against_a_peer_that_stopped_reading_exits_within_the_grace(tmp_
     out = service.output
     assert code == 0, out[-3000:]
     assert exit_s < grace_s + margin_s, exit_s
-    requests, replies, delivered, redelivered, dropped, lost = map(
+    requests, replies, delivered, _, dropped, lost = map(
         int, SUMMARY.findall(out)[-1])
     assert dropped + lost > 0, out[-2000:]  # what could not be written or acknowledged
     assert requests == replies + dropped, (requests, replies, dropped)  # each one accounted
