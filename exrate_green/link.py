@@ -14,8 +14,9 @@
 * the kernel's send queue (Linux ``SIOCOUTQ``: bytes unsent or not yet acknowledged by
   the peer), read after each write and once more just before the socket is closed, so the
   replies the peer's TCP never acknowledged can be sent again on the next connection.
-  So ``shutdown()`` and ``close()`` only mark the socket dying: whoever owns it calls
-  ``settle_and_close()`` (the session does, always), which reads the queue and closes.
+  So ``close()`` only marks the socket dying (``shutdown()`` is done at once: the peer
+  sees the end): whoever owns it calls ``settle_and_close()`` (the session does,
+  always), which reads the queue and closes.
 
 ``SendLog`` is the bounded record that maps those bytes back to replies.
 """
@@ -69,7 +70,8 @@ class MeteredSocket:
         self.parked_since = None  # clock() when the reader parked in recv, None if not
         self.parked_s = 0.0  # seconds parked since reset_parked()
         self.unacked_at_close = None  # SIOCOUTQ read just before the socket closed
-        self.dying = False  # shutdown()/close() called: the real ones are deferred
+        self.dying = False  # close() called: the real one is deferred
+        self.fin_sent = False  # shut down (our FIN is queued behind the data)
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
@@ -153,7 +155,7 @@ class MeteredSocket:
         if self.unacked_at_close is not None:
             return self.unacked_at_close
         try:
-            return _ioctl_int(self._sock.fileno(), _OUTQ)
+            return self._unacked_data(self._sock.fileno())
         except (OSError, ValueError):
             return None
 
@@ -163,16 +165,24 @@ class MeteredSocket:
         return None if unacked is None else max(self.bytes_sent - unacked, 0)
 
     def shutdown(self, how):
-        """Deferred to ``settle_and_close()``: the send queue is read before the socket
-        goes, and reading it may take a moment (see there)."""
-        self.dying = True
+        """Shut both directions down now (the peer sees the connection end: never two
+        live at once), sending our FIN behind the bytes still queued. The socket itself
+        stays open until ``settle_and_close()``: its send queue is still to be read."""
+        if self.fin_sent:
+            return
+        reset = self._tcp_state()[0] == _TCP_CLOSE  # then no FIN is queued
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+            self.fin_sent = not reset
+        except (OSError, ValueError):
+            pass  # already reset or closed: no FIN in the queue
 
     def close(self):
         """Deferred to ``settle_and_close()`` (see ``shutdown``)."""
         self.dying = True
 
     def settle_and_close(self):
-        """Read the send queue one last time, then really shut the socket down and close it.
+        """Read the send queue one last time, then really close the socket.
 
         The peer's acknowledgements of bytes already in flight get a moment to arrive
         first: the queue is polled until it is empty or has not shrunk for two round trips
@@ -181,18 +191,25 @@ class MeteredSocket:
         nothing more will be acknowledged. Runs off the supervisor's path (the next
         connection is being opened meanwhile)."""
         try:
+            if not self.fin_sent:
+                self.shutdown(socket.SHUT_RDWR)
             if self.unacked_at_close is None:
                 fd = self._sock.fileno()
-                unacked = _ioctl_int(fd, _OUTQ)
+                unacked = self._unacked_data(fd)
                 self.unacked_at_close = self._settle(fd, unacked) if unacked else 0
         except (OSError, ValueError):
             pass
         finally:
-            for end in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._sock.close):
-                try:
-                    end()
-                except (OSError, ValueError):
-                    pass
+            try:
+                self._sock.close()
+            except (OSError, ValueError):
+                pass
+
+    def _unacked_data(self, fd):
+        """Our data bytes not acknowledged: SIOCOUTQ counts our FIN too, once sent (it
+        takes a sequence number, and is acknowledged after every byte before it)."""
+        queued = _ioctl_int(fd, _OUTQ)
+        return max(queued - 1, 0) if self.fin_sent else queued
 
     def _settle(self, fd, unacked):
         state, rtt_s = self._tcp_state()
@@ -205,7 +222,7 @@ class MeteredSocket:
         quiet_since = self.clock()
         while unacked and self.clock() < give_up_at:
             gevent.sleep(0.005)
-            now_unacked = _ioctl_int(fd, _OUTQ)
+            now_unacked = self._unacked_data(fd)
             if now_unacked < unacked:
                 quiet_since = self.clock()
             elif self.clock() - quiet_since > patience_s:

@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from . import protocol
+from . import memory, protocol
 from .connection import Connection
 from .errors import ConnectionClosed, ProtocolError, RateError
 from .session import Session
@@ -426,10 +426,14 @@ class Service:
     def summary(self):
         """Every ``summary_interval_s``: one line of counters and latency percentiles; kept
         replies past the redelivery window are dropped on the way."""
+        trimmed_at = -1
         while True:
             gevent.sleep(min(self.settings.summary_interval_s, 1.0))
             if self.session is None:
                 self._expire()
+            if self.stats.requests != trimmed_at:  # traffic flowed: give freed memory back
+                trimmed_at = self.stats.requests
+                memory.trim()
             if self.clock() - self._last_summary_at >= self.settings.summary_interval_s:
                 log.info("summary: %s", self.summary_line())
 

@@ -35,7 +35,7 @@ log = logging.getLogger("exrate_green.service")
 #: most reply bytes written in one ``sendall`` (a heartbeat waits at most one chunk)
 CHUNK_BYTES = 256 * 1024
 #: reply bytes the outbox holds before the reader stops reading (back-pressure)
-OUTBOX_BYTES = 4 * 1024 * 1024
+OUTBOX_BYTES = 1024 * 1024
 
 
 class Session:

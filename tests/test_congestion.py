@@ -129,13 +129,13 @@ def test_a_burst_backlog_far_longer_than_the_heartbeat_timeout_keeps_the_link(tm
 
 
 def test_an_abrupt_drop_redelivers_what_the_peer_never_acknowledged(tmp_path):
-    n = 2500
+    n = 1500
     with Peer(heartbeat_s=0.2) as peer, running_service(
             peer.url, tmp_path, heartbeat_interval_s=0.2, heartbeat_timeout_s=0.6) as service:
         assert wait_until(lambda: service.session and service.session.heartbeats_received, 5)
         peer.ask("pad 2000")
         peer.ask("stop_reading")
-        peer.ask(f"send {n}")  # 5 MB of replies into a peer that reads nothing
+        peer.ask(f"send {n}")  # 3 MB of replies into a peer that reads nothing
         assert wait_until(lambda: service.stats.requests == n and service.session.sock.writing, 10)
         gevent.sleep(0.3)
         unacked = service.session.sock.unacked_bytes()

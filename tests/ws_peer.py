@@ -9,7 +9,7 @@ drained, then a reset). It prints ``PORT n`` and then obeys one command per stdi
 answering each with one JSON line:
 
   pad N             requests carry an N-byte ``note`` (echoed in replies: big replies)
-  days N            request dates spread over N distinct days from 2021-01-04
+  days N            request dates spread over N distinct days up to 2021-01-04
   send N            write N requests in one sendall on the current connection (in the
                     background: the answer comes at once)
   rate N            N requests/s on the current connection (0 stops)
@@ -204,7 +204,7 @@ class Peer:
             first = self.next_id
             self.next_id += n
         for rid in range(first, first + n):
-            day = time.strftime("%Y-%m-%d", time.gmtime((FIRST_DAY + rid % self.days) * 86400))
+            day = time.strftime("%Y-%m-%d", time.gmtime((FIRST_DAY - rid % self.days) * 86400))
             payload = {"marketId": 123456, "selectionId": 987654, "odds": 2.2, "stake": 253.67,
                        "currency": "USD", "date": day + "T21:32:42.324Z"}
             if note:
