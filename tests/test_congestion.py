@@ -136,8 +136,8 @@ def test_an_abrupt_drop_redelivers_what_the_peer_never_acknowledged(tmp_path):
         peer.ask("pad 2000")
         peer.ask("stop_reading")
         peer.ask(f"send {n}")  # 3 MB of replies into a peer that reads nothing
-        assert wait_until(lambda: service.stats.requests == n and service.session.sock.writing, 10)
-        gevent.sleep(0.3)
+        assert wait_until(lambda: service.stats.requests == n, 10), service.stats.requests
+        gevent.sleep(0.5)  # what can be written is written
         unacked = service.session.sock.unacked_bytes()
         assert unacked > 500_000, unacked  # the kernel holds a good part of them
         peer.ask("cut")  # takes what its kernel acknowledged, then resets
@@ -146,7 +146,8 @@ def test_an_abrupt_drop_redelivers_what_the_peer_never_acknowledged(tmp_path):
     assert report["connections"] == 2, report
     assert report["unanswered"] == 0, report  # not one reply lost in the dead kernel
     assert report["duplicates"] == 0, report
-    assert service.stats.redelivered >= unacked // 2100 - 5, (service.stats.redelivered, unacked)
+    # the unacknowledged tail (about 2,200 bytes a reply) came back on the new connection
+    assert service.stats.redelivered >= unacked // 2200 - 5, (service.stats.redelivered, unacked)
     print(f"\nFIGURES abrupt drop: {unacked} bytes unacknowledged at the cut, "
           f"{service.stats.redelivered} replies redelivered, 0 lost, "
           f"{report['duplicates']} duplicates")
