@@ -53,8 +53,19 @@ class CacheError(ExrateError):
 
 
 class ConnectionClosed(ExrateError):
-    """The WebSocket link ended; ``cause`` says why, for the reconnect log line."""
+    """The WebSocket link ended; ``cause`` (and ``reason``, the same text) says why, for
+    the reconnect log line."""
 
-    def __init__(self, cause):
+    def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.reason = cause
+
+
+class ProtocolViolation(ConnectionClosed):
+    """The upstream broke RFC 6455; we failed the connection with close ``code``
+    (1002, or 1007 for invalid UTF-8)."""
+
+    def __init__(self, cause: str, code: int) -> None:
+        super().__init__(cause)
+        self.code = code

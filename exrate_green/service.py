@@ -202,6 +202,8 @@ class Service:
             return failures, ended
         self.stats.reconnects += 1
         log.warning("disconnected: %s; reconnecting", cause)
+        if conn.violation is not None:  # the upstream broke RFC 6455: retry at once, no growth
+            return (0 if session.heartbeats_received else min(failures, 1)), ended
         return (0 if session.heartbeats_received else failures + 1), ended
 
     def _collect(self, ended):

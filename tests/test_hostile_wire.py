@@ -5,8 +5,12 @@
   frame with a readable id gets exactly one reply of the expected type and reason, nothing
   else is answered, the connection stays up, heartbeats keep their cadence, and the hub
   is never blocked for 0.2 s (conftest's monitor watches the service too: it runs here).
+  Entries that break RFC 6455 itself (invalid UTF-8 in a text message, reserved opcodes,
+  RSV bits, ...) are not bad input but protocol violations: each one, replayed alone,
+  fails the connection with 1002 or 1007 and the service reconnects at once.
 * ``Connection``'s frame reader, under Hypothesis, over a real socket pair: any frame
-  sequence gives data events within the size bound or ``ConnectionClosed``, nothing else.
+  sequence gives data events within the size bound, then the sentinel or
+  ``ConnectionClosed`` (after at most one close frame of ours), nothing else.
 * Frames of 1-2 MiB and JSON nested a million deep, sent to the service as a subprocess:
   its memory stays flat (RSS), no heartbeat is late, its own hub monitor reports nothing.
 """
@@ -24,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exrate_green import ws
 from exrate_green.connection import Connection
-from exrate_green.errors import ConnectionClosed
+from exrate_green.errors import ConnectionClosed, ProtocolViolation
 from exrate_green.simulator import Upstream
 
 from .support import running_service, service_env, start_service, wait_until
@@ -39,6 +44,22 @@ VALID = {"marketId": 123456, "selectionId": 987654, "odds": 2.2, "stake": 253.67
 
 def load_corpus():
     return [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+
+
+# Corpus entries that break RFC 6455 and the close code the client must fail with. The
+# corpus was written when the client tolerated them; they are protocol violations now.
+VIOLATIONS = {
+    **{f"invalid-utf8-{i:02d}": 1007 for i in range(12)},
+    "masked-server-frame": 1002, "rsv-bits-set": 1002,
+    "new-message-inside-a-fragmented-one": 1002, "continuation-without-start": 1002,
+    "continuation-fin-without-start": 1002,
+    **{f"reserved-opcode-{c}": 1002 for c in "34567bcdef"},
+    "ping-126-bytes-illegal": 1002, "ping-64KiB-illegal": 1002,
+}
+
+
+def conforming(corpus):
+    return [e for e in corpus if e["name"] not in VIOLATIONS]
 
 
 def spec_bytes(spec):
@@ -61,8 +82,7 @@ def ws_frame(opcode, payload, fin=True, rsv=0, mask=None, length_form=None):
     else:
         head = struct.pack("!BB", first, mask_bit | n)
     if mask:
-        key = mask * (n // 4 + 1)
-        payload = bytes(b ^ k for b, k in zip(payload, key))
+        payload = ws.apply_mask(mask, payload)
         head += mask
     return head + payload
 
@@ -100,11 +120,27 @@ def test_the_corpus_is_big_enough_and_well_formed():
     assert len(ids) == len(set(ids)) and len(ids) >= 100
     assert {e["kind"] for e in corpus} == {"text", "binary", "wire"}
     assert max(len(spec_bytes(e)) for e in corpus if "build" in e) > 2 * (1 << 20)
+    assert VIOLATIONS.keys() <= set(names)
+
+
+@pytest.mark.timeout(90)
+def test_each_corpus_entry_that_breaks_rfc6455_fails_the_connection_and_reconnects(tmp_path):
+    entries = [e for e in load_corpus() if e["name"] in VIOLATIONS]
+    with Upstream(heartbeat_interval_s=BEAT_S) as up, \
+            running_service(up.url, tmp_path, **FAST) as service:
+        for n, entry in enumerate(entries, start=1):
+            assert up.wait_for_connections(n, 5), entry["name"]
+            assert wait_until(lambda: service.session and service.session.heartbeats_received, 3)
+            replay(up, entry)
+            assert up.wait_for_connections(n + 1, 3), entry["name"]
+            assert up.client_closes()[-1][0] == VIOLATIONS[entry["name"]], entry["name"]
+        assert len(up.client_closes()) == len(entries)  # one close frame each, never two
+        assert service.stats.reconnects == len(entries)
 
 
 @pytest.mark.timeout(60)
 def test_replaying_the_corpus_answers_each_id_once_and_keeps_the_connection(tmp_path):
-    corpus = load_corpus()
+    corpus = conforming(load_corpus())
     with Upstream(heartbeat_interval_s=BEAT_S) as up, \
             running_service(up.url, tmp_path, **FAST) as service:
         assert up.wait_for_connections(1, 5)
@@ -172,43 +208,64 @@ SENTINEL = b'{"sentinel":true}'
 def test_frame_reader_yields_bounded_events_or_connection_closed(frame_list):
     gevent.sleep(0)  # a switch per example: Hypothesis's own work never holds the hub long
     ours, theirs = socket.socketpair()
-    conn = Connection(ours, max_frame_bytes=MAX_FRAME)
+    conn = Connection(ours, max_frame_bytes=MAX_FRAME, close_wait_s=0.01)
     try:
         data = b"".join(ws_frame(op, payload, fin, rsv, mask, form)
                         for op, fin, rsv, payload, mask, form in frame_list)
         theirs.sendall(data + ws_frame(0x1, SENTINEL))
-        # a close frame ends the connection; one over 125 bytes is illegal and skipped
-        closes = [op for op, _, _, payload, _, _ in frame_list if op == 0x8 and len(payload) <= 125]
-        events = []
+        events, ended = [], None
         with gevent.Timeout(2):
             try:
                 while not events or events[-1] != ("text", SENTINEL):
                     events.extend(conn.receive())
-            except ConnectionClosed:
-                assert closes, "closed without a close frame"
-            else:
-                assert not closes, "a close frame must end the connection"
-                assert len(conn._inbox) == 0  # nothing left buffered after the last frame
+            except ConnectionClosed as e:
+                ended = e
+        if ended is None:
+            assert not any(op == 0x8 for op, *_ in frame_list), "a close frame must end it"
+            assert conn._parser.buffered_bytes == 0  # nothing left after the last frame
+        elif not isinstance(ended, ProtocolViolation):
+            assert any(op == 0x8 for op, *_ in frame_list), "closed without a close frame"
         for kind, value in events:
             assert kind in ("text", "binary", "oversize")
             if kind == "oversize":
                 assert value > MAX_FRAME
             else:
                 assert type(value) is bytes and len(value) <= MAX_FRAME
+        assert_one_close_at_most(theirs, ended)
     finally:
         conn.abort()
         theirs.close()
 
 
+def assert_one_close_at_most(theirs, ended):
+    """What the client wrote parses as client frames with at most one close, the last
+    frame; after a violation it carries the violation's code."""
+    theirs.setblocking(False)
+    written = b""
+    try:
+        while chunk := theirs.recv(1 << 16):
+            written += chunk
+    except (BlockingIOError, ConnectionError):
+        pass
+    events = ws.Parser("server").feed(written)
+    assert all(kind in ("pong", "close") for kind, _ in events), events
+    closes = [detail for kind, detail in events if kind == "close"]
+    assert len(closes) <= 1 and (not closes or events[-1][0] == "close")
+    if isinstance(ended, ProtocolViolation):
+        assert closes and closes[0].code == ended.code in (1002, 1007)
+
+
 @settings(max_examples=100, deadline=None, database=None, derandomize=True)
 @given(st.lists(st.one_of(
-    st.tuples(st.just(0x1), st.binary(max_size=MAX_FRAME)),
+    # valid UTF-8 text, non-ASCII included (latin-1 characters take two bytes)
+    st.tuples(st.just(0x1), st.binary(max_size=MAX_FRAME // 2).map(
+        lambda b: b.decode("latin-1").encode())),
     st.tuples(st.just(0x2), st.binary(max_size=MAX_FRAME)),
     st.tuples(st.sampled_from([0x9, 0xA]), st.binary(max_size=125))), max_size=20))
 def test_whole_frames_arrive_in_order_and_pings_are_answered(frame_list):
     gevent.sleep(0)
     ours, theirs = socket.socketpair()
-    conn = Connection(ours, max_frame_bytes=MAX_FRAME)
+    conn = Connection(ours, max_frame_bytes=MAX_FRAME, close_wait_s=0.01)
     try:
         theirs.sendall(b"".join(ws_frame(op, p) for op, p in frame_list) + ws_frame(0x1, SENTINEL))
         events = []

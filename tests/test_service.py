@@ -7,6 +7,7 @@ import time
 import gevent
 import pytest
 
+from exrate_green import ws
 from exrate_green.simulator import FakeRateApi, Upstream
 
 from .support import FAST_BEATS, running_service, wait_until
@@ -249,9 +250,7 @@ def test_a_binary_request_with_an_id_gets_an_error_reply(tmp_path):
 
 def _server_frame(message):
     """One unmasked text frame, as a server writes it."""
-    data = json.dumps(message).encode()
-    head = bytes((0x81, len(data))) if len(data) < 126 else bytes((0x81, 126)) + len(data).to_bytes(2, "big")
-    return head + data
+    return ws.build_frame(ws.OP_TEXT, json.dumps(message).encode(), mask=False)
 
 
 def test_under_back_pressure_a_hot_reply_is_not_held_behind_a_cold_request(tmp_path):
