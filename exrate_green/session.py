@@ -134,7 +134,10 @@ class Session:
             # Under load recv never blocks: let heartbeats and timers run. Not sleep(0):
             # gevent runs sleep(0) callbacks back to back and looks at its timers only
             # every 50 of them, so with big batches a heartbeat could wait a second.
-            gevent.idle()
+            # Only under load: with nothing waiting, recv parks (and yields) anyway, and
+            # time spent yielding here would not count as silence.
+            if self.sock.unread_bytes():
+                gevent.idle()
 
     def stop_reading(self):
         """Shutdown: read no more. A reader parked on an empty socket is stopped now; one

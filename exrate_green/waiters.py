@@ -37,7 +37,7 @@ class Waiters:
         self.on_done = on_done
         self.max_requests = max_requests
         self.max_days = max_days
-        self.by_day = {}  # day -> [(request, received_at), ...]
+        self.by_day: dict = {}  # day -> [(request, received_at), ...]
         self.count = 0  # requests held
         self.group = Group()
         self._room = Event()

@@ -30,8 +30,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import gevent  # noqa: E402
-import psutil  # noqa: E402
+import gevent
+import psutil
 
 HERE = Path(__file__).resolve().parent.parent
 PEER = HERE / "tests" / "ws_peer.py"
