@@ -185,9 +185,13 @@ class Session:
 
     def drain(self, timeout_s) -> bool:
         """Wait until the outbox is written; False on timeout."""
-        if not self.outbox and not self.sock.writing:
-            return True
-        return self._drained.wait(timeout_s)
+        deadline = self.clock() + timeout_s
+        while self.outbox or self.sock.writing:
+            left_s = deadline - self.clock()
+            if left_s <= 0 or not self.alive:  # a dead session writes nothing more
+                return False
+            self._drained.wait(min(left_s, 0.05))
+        return True
 
     def _flush_before_close(self):
         """The peer closes: replies to what it sent before its close frame go first."""
