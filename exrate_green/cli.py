@@ -6,7 +6,6 @@ Usage:
   exrate-service cache (list | show DAY | stats | clear) [--json] [options]
   exrate-service convert AMOUNT CURRENCY [DATE] [options]
   exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson] [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
-  exrate-service bench [--out=FILE] [--quick] [--pin] [options]
   exrate-service -h | --help
   exrate-service --version
 
@@ -14,12 +13,11 @@ Commands:
   (none)      Run the service: connect to EXRATE_URL and answer until SIGTERM/SIGINT.
   demo        Run the bundled upstream simulator and a fake rate API on loopback, and the
               service against them, offline; print a summary at the end.
-  cache       Inspect the on-disk rate cache: list, show DAY (YYYY-MM-DD), stats, clear.
+  cache       Inspect the rate cache, every tier (disk; Redis with REDIS_URL): list,
+              show DAY (YYYY-MM-DD), stats, clear.
   convert     One conversion through the service's code path, e.g. convert 253.67 USD 2021-05-18.
   simulate    Run the currency-assignment simulator as a standalone WebSocket server for any
               client: paced requests, scripted faults, reply validation, a JSON report.
-  bench       Start the simulator and the service as separate processes, sweep request
-              rates until replies fall behind, print a table and write JSON results.
 
 Options:
   --show-messages     Log every request and reply as compact JSON [env: EXRATE_SHOW_MESSAGES=1].
@@ -43,9 +41,6 @@ Options:
   --rate-api-latency=MS  simulate: the fake rate API answers after MS milliseconds [default: 0].
   --rate-api-fail=MODE   simulate: the fake rate API fails every request: 500, 429, hang,
                       bad_json or api_error.
-  --out=FILE          bench: JSON results file [default: bench-results/bench.json].
-  --quick             bench: a short smoke run (~15 s) instead of the full sweep (~3 min).
-  --pin               bench: the service on CPU 0, the load generator on CPU 1.
   --json              cache: machine-readable JSON output.
   -h --help           Show this help.
   --version           Show the version.
@@ -115,17 +110,15 @@ def main(argv=None):
             print(f"exrate-service: simulate: {e}", file=sys.stderr)
             return 2
         return run_simulate(options)
-    if args["bench"]:
-        from .bench import run_bench
-        return run_bench(args["--out"], quick=args["--quick"], pin_cpus=args["--pin"])
     return run(settings)
 
 
 def setup_logging(settings):
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
+    from .cache.redis import redis_password  # the Redis password is a secret too
     formatter = RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        secrets=[settings.access_key] if settings.access_key else [])
+        secrets=[settings.access_key, redis_password(settings.redis_url)])
     formatter.converter = time.gmtime  # UTC, like the protocol's dates
     formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
     formatter.default_msec_format = "%s.%03dZ"
@@ -181,7 +174,7 @@ def convert(settings, amount, currency, date):
         return 2
     runtime = Runtime(settings)
     try:
-        table = runtime.book.get(day)
+        table = runtime.book.get(day, code)
         rate = table.rate(code)
         stake_eur = protocol.convert(stake, rate)
     except (RateError, ProtocolError) as e:

@@ -38,6 +38,8 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 2.0
     http_timeout_s: float = 5.0
+    #: concurrent rate fetches per provider (fetcher greenlets, pooled connections)
+    fetch_concurrency: int = 8
     http_connect_timeout_s: float = 2.0
     shutdown_grace_s: float = 10.0
     show_messages: bool = False
@@ -76,11 +78,17 @@ class Settings:
         _check_url("EXRATE_URL", self.url, ("ws", "wss"))
         _check_url("EXCHANGERATE_HOST_URL", self.exchangerate_host_url, ("http", "https"))
         _check_url("FRANKFURTER_URL", self.frankfurter_url, ("http", "https"))
-        if self.provider not in PROVIDERS:
-            raise ConfigError(
-                f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}")
-        if self.provider == "exchangerate.host" and not self.access_key:
+        for name in self.providers:
+            if name not in PROVIDERS:
+                raise ConfigError(f"EXRATE_PROVIDER: unknown provider {name!r}: choose one "
+                                  f"or more of {', '.join(PROVIDERS)}, comma-separated")
+        if len(set(self.providers)) != len(self.providers):
+            raise ConfigError(f"EXRATE_PROVIDER names a provider twice: {self.provider!r}")
+        if "exchangerate.host" in self.providers and not self.access_key:
             raise ConfigError("provider exchangerate.host needs EXCHANGE_ACCESS_KEY")
+        if not 1 <= self.fetch_concurrency <= 256:
+            raise ConfigError(f"EXRATE_FETCH_CONCURRENCY must be 1-256, "
+                              f"got {self.fetch_concurrency!r}")
         for name in ("cache_ttl_s", "heartbeat_interval_s", "heartbeat_timeout_s",
                      "http_timeout_s", "http_connect_timeout_s", "shutdown_grace_s",
                      "redelivery_window_s", "reconnect_max_delay_s", "summary_interval_s",
@@ -103,6 +111,12 @@ class Settings:
                 f"unknown log level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"CA file {self.ca_file!r} does not exist")
+
+    @property
+    def providers(self):
+        """The provider chain, in order of preference: ``"exchangerate.host,ecb"`` gives
+        ``("exchangerate.host", "ecb")``."""
+        return tuple(name.strip() for name in self.provider.split(","))
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -133,6 +147,7 @@ _ENVIRONMENT = (
     ("EXRATE_REDIS_VERIFY", "redis_verify", lambda v: v.strip().lower() not in ("0", "false", "no")),
     ("EXRATE_SEND_TIMEOUT", "send_timeout_s", float),
     ("EXRATE_METRICS_PORT", "metrics_port", int),
+    ("EXRATE_FETCH_CONCURRENCY", "fetch_concurrency", int),
 )
 
 

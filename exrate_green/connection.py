@@ -18,7 +18,6 @@ import websocket
 
 from . import ws
 from .errors import ConnectionClosed, ProtocolViolation
-from .ws import apply_mask as _mask  # noqa: F401  the simulator's import until it uses ws
 
 RECV_BYTES = 256 * 1024
 CLOSE_WAIT_S = 1.0  # how long to wait for the server to close TCP after the closing handshake

@@ -27,7 +27,12 @@ class ProtocolError(ExrateError):
 
 
 class RateError(ExrateError):
-    """No rate for a request; ``str(e)`` is the human reason sent in the error reply."""
+    """No rate for a request; ``reason`` (= ``str(e)``) is the human reason sent in the
+    error reply."""
+
+    @property
+    def reason(self):
+        return str(self)
 
 
 class UnsupportedCurrency(RateError):

@@ -116,11 +116,18 @@ def read_stake(value):
     return stake
 
 
+def is_currency_code(value: object) -> bool:
+    """True for exactly three ASCII capital letters: the one currency-code check, for
+    requests and rate providers alike (``fullmatch``: "USD\n" is not one)."""
+    return type(value) is str and CURRENCY_RE.fullmatch(value) is not None
+
+
 def read_currency(value):
+    """The request's currency code, upper-cased ("usd" is USD); ProtocolError otherwise."""
     if type(value) is not str:
         raise ProtocolError(f"currency must be a string, got {_show(value)}")
     code = value.upper()
-    if len(code) != 3 or not CURRENCY_RE.fullmatch(code):
+    if not is_currency_code(code):
         raise ProtocolError(f"invalid currency {_show(value)}")
     return code
 

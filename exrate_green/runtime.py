@@ -9,21 +9,22 @@ class Runtime:
     """The rate machinery a command needs, closed in reverse order of opening."""
 
     def __init__(self, settings):
-        from .cache import TableCache
+        from .cache import open_cache
         from .rates.book import RateBook
         from .rates.http import HttpClient
-        from .rates.providers import make_provider
+        from .rates.providers import make_providers
 
         self.settings = settings
         self.http = HttpClient(settings)
-        self.provider = make_provider(settings, self.http)
-        self.cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
-        self.cache.open()
-        self.book = RateBook(self.provider, self.cache, ttl_s=settings.cache_ttl_s,
-                             wait_s=settings.http_timeout_s + 2)
+        self.providers = make_providers(settings, self.http)
+        self.provider = self.providers[0]
+        self.cache = open_cache(settings)  # disk, and Redis when REDIS_URL is set
+        self.book = RateBook(self.providers, self.cache, ttl_s=settings.cache_ttl_s,
+                             stale_s=settings.stale_if_error_s,
+                             http_timeout_s=settings.http_timeout_s,
+                             concurrency=settings.fetch_concurrency)
 
     def close(self):
         self.book.close()
         self.cache.close()
-        self.provider.close()
-        self.http.close()
+        self.http.close()  # the providers' one session

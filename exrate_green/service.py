@@ -27,8 +27,9 @@ log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
 _UTC = datetime.timezone.utc
 _MAX_SAMPLES = 20_000  # latency samples kept per summary interval (sorted in ~3 ms)
-#: distinct days waited for at once (each is one greenlet and one fetch in the rate book)
-MAX_DAYS_IN_FLIGHT = 64
+#: distinct (day, currency) lookups waited for at once (each is one greenlet; those of
+#: one day share one fetch in the rate book)
+MAX_LOOKUPS_IN_FLIGHT = 256
 #: seconds of the shutdown grace kept for the close frame and its answer (at most)
 CLOSE_RESERVE_S = 1.0
 #: the longest the close frame and its answer may take (within the grace)
@@ -117,7 +118,7 @@ class Service:
         self._between_sessions.set()
         self._connecting = None  # the greenlet opening a connection, killed by stop()
         self.waiting = Waiters(book, self._answer_waiting, max_requests=settings.max_in_flight,
-                               max_days=MAX_DAYS_IN_FLIGHT)
+                               max_lookups=MAX_LOOKUPS_IN_FLIGHT)
         #: (kept at, reply, written before) of replies no connection delivered, oldest first
         self.undelivered = collections.deque()
         self.jobs = Group()  # service-lifetime background jobs
@@ -302,10 +303,10 @@ class Service:
                     session.on_heartbeat()
                     continue
                 self.stats.requests += 1
-                table = self.book.peek(request.day)
+                table = self.book.peek(request.day, request.currency)
                 if table is None:
-                    if not self.waiting.has_room(request.day):
-                        replies = self._wait_for_room(replies, started, request.day)
+                    if not self.waiting.has_room(request):
+                        replies = self._wait_for_room(replies, started, request)
                         stamp = protocol.timestamp(datetime.datetime.now(_UTC))
                     self.waiting.add(request, started)
                     continue
@@ -322,15 +323,15 @@ class Service:
         if replies:
             self._flush(replies, started)
 
-    def _wait_for_room(self, replies, started, day):
-        """Back-pressure: the reader stops until a request for ``day`` can be held. Replies
+    def _wait_for_room(self, replies, started, request):
+        """Back-pressure: the reader stops until ``request`` can be held. Replies
         already made are sent first. The reader is busy, not free: this time is never
         upstream silence, and never a stall (each fetch waited on has its own deadline)."""
         if replies:
             replies = self._flush(replies, started)
         self.stats.backpressure_waits += 1
         self.progress.reader_waiting = True
-        self.waiting.wait_for_room(day)
+        self.waiting.wait_for_room(request)
         self.progress.reader_turned()
         return replies
 

@@ -1,13 +1,16 @@
-"""Requests waiting for a rate table, grouped by the day they wait for.
+"""Requests waiting for a rate table, grouped by the lookup they wait for.
 
-A request whose day's table is not in memory is held here as the small parsed object it
-already is: one list per day and ONE greenlet per day waiting on ``book.get(day)``, not a
-greenlet per request. When the table comes (or its error), every request of that day is
-answered in slices, yielding between them so heartbeats and the reader keep their turn.
+A request whose table is not in memory is held here as the small parsed object it already
+is: one list per lookup, (day, currency), and ONE greenlet per lookup waiting on
+``book.get(day, currency)``, not a greenlet per request. (The currency is part of the
+lookup because a provider chain may answer one currency of a day from another provider;
+the lookups of one day share one fetch in the rate book.) When the table comes (or its
+error), every request of that lookup is answered in slices, yielding between them so
+heartbeats and the reader keep their turn.
 
 Two bounds make the reader stop (back-pressure) instead of memory growing: requests held
-(``max_requests``, EXRATE_MAX_IN_FLIGHT) and days being waited for (``max_days``: each is a
-greenlet and a fetch in the rate book).
+(``max_requests``, EXRATE_MAX_IN_FLIGHT) and lookups waited for (``max_lookups``: each is a
+greenlet).
 """
 
 import logging
@@ -25,19 +28,19 @@ SLICE = 256
 
 
 class Waiters:
-    """Requests by day, answered by ``answer(requests, table_or_error)`` when it comes.
+    """Requests by lookup, answered by ``answer(requests, table_or_error)`` when it comes.
 
     ``answer`` gets a list of (request, received_at) and either the table or the
     ``RateError``; it must not yield. ``on_done`` is called after each slice (progress).
     """
 
-    def __init__(self, book, answer, *, max_requests: int, max_days: int, on_done=None):
+    def __init__(self, book, answer, *, max_requests: int, max_lookups: int, on_done=None):
         self.book = book
         self.answer = answer
         self.on_done = on_done
         self.max_requests = max_requests
-        self.max_days = max_days
-        self.by_day: dict = {}  # day -> [(request, received_at), ...]
+        self.max_lookups = max_lookups
+        self.by_lookup: dict = {}  # (day, currency) -> [(request, received_at), ...]
         self.count = 0  # requests held
         self.group = Group()
         self._room = Event()
@@ -51,34 +54,36 @@ class Waiters:
     def __bool__(self):
         return self.count > 0
 
-    def days(self) -> int:
-        return len(self.by_day)
+    def lookups(self) -> int:
+        """Lookups (day, currency) being waited for."""
+        return len(self.by_lookup)
 
-    def has_room(self, day) -> bool:
-        """True if a request for ``day`` can be held now."""
+    def has_room(self, request) -> bool:
+        """True if ``request`` can be held now."""
         if self.count >= self.max_requests:
             return False
-        return day in self.by_day or len(self.by_day) < self.max_days
+        return (request.day, request.currency) in self.by_lookup or \
+            len(self.by_lookup) < self.max_lookups
 
     def full(self) -> bool:
-        return self.count >= self.max_requests or len(self.by_day) >= self.max_days
+        return self.count >= self.max_requests or len(self.by_lookup) >= self.max_lookups
 
     def add(self, request, received_at):
-        """Hold ``request`` until its day's table comes; the caller checked ``has_room``."""
-        day = request.day
-        held = self.by_day.get(day)
+        """Hold ``request`` until its table comes; the caller checked ``has_room``."""
+        key = (request.day, request.currency)
+        held = self.by_lookup.get(key)
         if held is None:
-            held = self.by_day[day] = []
-            self.group.spawn(self._wait_for, day)
+            held = self.by_lookup[key] = []
+            self.group.spawn(self._wait_for, key)
         held.append((request, received_at))
         self.count += 1
         self._idle.clear()
         if self.full():
             self._room.clear()
 
-    def wait_for_room(self, day, timeout=None) -> bool:
-        """Block until a request for ``day`` can be held; False on timeout."""
-        while not self.has_room(day):
+    def wait_for_room(self, request, timeout=None) -> bool:
+        """Block until ``request`` can be held; False on timeout."""
+        while not self.has_room(request):
             self._room.clear()
             if not self._room.wait(timeout):
                 return False
@@ -92,23 +97,24 @@ class Waiters:
         """Abandon every held request; returns how many were abandoned."""
         abandoned = self.count
         self.group.kill(timeout=timeout)
-        self.by_day.clear()
+        self.by_lookup.clear()
         self.count = 0
         self._changed()
         return abandoned
 
-    def _wait_for(self, day):
+    def _wait_for(self, key):
+        day, currency = key
         try:
-            outcome = self.book.get(day)
+            outcome = self.book.get(day, currency)
         except RateError as e:
             outcome = e
-            held = len(self.by_day.get(day, ()))
-            log.warning("no rate table for %s: %s; %d request(s) get an error reply",
-                        day.isoformat(), e, held)
+            held = len(self.by_lookup.get(key, ()))
+            log.warning("no rate table for %s (%s): %s; %d request(s) get an error reply",
+                        day.isoformat(), currency, e, held)
         except Exception as e:  # a bug must still leave the requests answered
             log.exception("waiting for the rate table of %s failed", day)
             outcome = RateError(f"internal error ({type(e).__name__})")
-        held = self.by_day.pop(day, [])
+        held = self.by_lookup.pop(key, [])
         done = 0
         try:
             while done < len(held):

@@ -1,18 +1,21 @@
-"""Smoke tests of ``exrate-service simulate`` and ``exrate-service bench --quick``.
+"""Smoke tests of ``exrate-service simulate`` and of the dev tool ``tools/bench.py``.
 
 They check that the tools run and that their JSON has the fields the README's figures
 come from; they assert no timing (the bench prints figures, it does not judge CI).
 """
 
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from exrate_green.simulator.tool import Fault, parse_dates, parse_faults
 
-from .support import run_service, running_service, service_env, start_service
+from .support import ROOT, run_service, running_service, service_env, start_service
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,10 +85,22 @@ def test_simulate_drives_a_client_through_faults_and_writes_a_report(tmp_path):
         assert field in report
 
 
+def run_bench_tool(args, env, timeout_s):
+    """``python tools/bench.py ARGS`` from the checkout, as its users run it."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *args], env=env,
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+
+
+def test_bench_is_a_dev_tool_not_a_command_of_the_service(tmp_path):
+    result = run_service(["bench", "--quick"], service_env(tmp_path))
+    assert result.returncode == 2
+    assert "bench" not in run_service(["--help"], service_env(tmp_path)).stdout
+
+
 def test_bench_quick_runs_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_service(["bench", "--quick", f"--out={out}"], service_env(tmp_path),
-                         timeout_s=55)
+    result = run_bench_tool(["--quick", f"--out={out}"], service_env(tmp_path), timeout_s=55)
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed
     assert "replies/s" in result.stdout
     results = json.loads(out.read_text())
@@ -99,3 +114,32 @@ def test_bench_quick_runs_and_writes_every_figure(tmp_path):
     assert scenarios["cold"]["rate_api_calls"] is not None
     assert set(scenarios["cold"]["targets"]) and set(scenarios["rate_api_failing"]["targets"])
     assert "generator_not_the_limit" in results["verdict"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_compares_a_baseline_tree_with_this_one_side_by_side(tmp_path):
+    baseline = tmp_path / "baseline"   # a copy of this tree stands in for an older commit
+    for part in ("bin", "exrate_green"):
+        shutil.copytree(ROOT / part, baseline / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "compare.json"
+    result = run_bench_tool([f"--baseline={baseline}", "--levels=300", "--level-seconds=1",
+                             "--rounds=2", f"--out={out}"], service_env(tmp_path),
+                            timeout_s=110)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "base replies/s" in result.stdout and "cur replies/s" in result.stdout
+    results = json.loads(out.read_text())
+    assert results["baseline"] == str(baseline)
+    labels = [run["label"] for run in results["runs"]]
+    assert labels == ["baseline 300", "current 300", "current 300", "baseline 300"]  # alternating
+    (level,) = results["summary"]
+    assert level["rate"] == 300
+    for side in ("baseline", "current"):
+        assert level[side]["rounds"] == 2 and level[side]["replies_per_s"] > 0
+        assert level[side]["cpu_us_per_reply"] is not None
+
+
+def test_bench_refuses_a_baseline_without_the_service(tmp_path):
+    result = run_bench_tool([f"--baseline={tmp_path}"], service_env(tmp_path), timeout_s=30)
+    assert result.returncode == 2
+    assert "bin/exrate-service" in result.stdout + result.stderr

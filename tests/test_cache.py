@@ -373,8 +373,8 @@ def test_thousand_concurrent_greenlets_share_one_connection(cache_dir):
 
 @pytest.fixture
 def settings(cache_dir):
-    fetched = time.time() - 60  # expires in 1h 59m with the default ttl of 7200 s
-    c = TableCache(cache_dir, ttl_s=7200)
+    fetched = time.time() - 60  # fresh for 1h 59m with the default ttl of 7200 s
+    c = TableCache(cache_dir, ttl_s=7200, stale_s=604800)
     c.open()
     c.put(table("ecb", DAY, fetched, USD="1.2225", GBP="0.86300"))
     c.put(table("frankfurter", DAY, fetched, USD="1.2226"))
@@ -391,26 +391,53 @@ def command(settings, *args, **kwargs):
 
 def test_cli_list(settings):
     lines = command(settings, "list").splitlines()
-    assert lines[0].split() == ["PROVIDER", "DAY", "PUBLISHED", "CURRENCIES", "FETCHED",
-                                "AT", "(UTC)", "EXPIRES", "IN"]
-    assert len(lines) == 4
-    assert lines[1].split()[:4] == ["ecb", "2021-05-17", "2021-05-17", "2"]
-    assert lines[2].split()[:4] == ["ecb", "2021-05-18", "2021-05-18", "3"]
-    assert lines[3].split()[:2] == ["frankfurter", "2021-05-18"]
-    assert all(line.endswith("1h 59m") for line in lines[1:])
+    assert lines[0].split() == ["TIER", "PROVIDER", "DAY", "PUBLISHED", "CURRENCIES", "FETCHED",
+                                "AT", "(UTC)", "FRESHNESS", "DROPPED", "IN"]
+    assert len(lines) == 5  # header, three tables, the note on the bundled ECB history
+    assert lines[1].split()[:5] == ["disk", "ecb", "2021-05-17", "2021-05-17", "2"]
+    assert lines[2].split()[:5] == ["disk", "ecb", "2021-05-18", "2021-05-18", "3"]
+    assert lines[3].split()[:3] == ["disk", "frankfurter", "2021-05-18"]
+    # fresh for the ttl, then kept as stale for stale_if_error_s (7 days by default)
+    assert all(line.endswith("fresh for 1h 59m  7d 2h") for line in lines[1:4]), lines
     # aligned: every column starts where its header starts
-    for header in ("DAY", "PUBLISHED", "FETCHED AT"):
+    for header in ("DAY", "PUBLISHED", "FETCHED AT", "FRESHNESS"):
         column = lines[0].index(header)
         assert all(line[column - 2:column] == "  " and line[column] != " "
-                   for line in lines[1:])
-    fetched = lines[1].split()[4]
+                   for line in lines[1:4])
+    fetched = lines[1].split()[5]
     assert datetime.datetime.strptime(fetched, "%Y-%m-%dT%H:%M:%SZ")
+    assert "bundled" in lines[4] and "without the cache" in lines[4]
 
     rows = json.loads(command(settings, "list", as_json=True))
-    assert [(r["provider"], r["day"], r["currencies"]) for r in rows] == [
-        ("ecb", "2021-05-17", 2), ("ecb", "2021-05-18", 3), ("frankfurter", "2021-05-18", 2)]
-    assert all(7000 < r["expires_in_s"] <= 7140 and r["fetched_at"].endswith("Z")
-               for r in rows)
+    assert [(r["tier"], r["provider"], r["day"], r["currencies"]) for r in rows] == [
+        ("disk", "ecb", "2021-05-17", 2), ("disk", "ecb", "2021-05-18", 3),
+        ("disk", "frankfurter", "2021-05-18", 2)]
+    assert all(7000 + 604800 < r["expires_in_s"] <= 7140 + 604800 for r in rows)
+    assert all(7000 < r["fresh_for_s"] <= 7140 and r["stale_for_s"] == 0 for r in rows)
+    assert all(r["fetched_at"].endswith("Z") for r in rows)
+
+
+def test_cli_list_says_a_table_is_stale_and_for_how_long(cache_dir):
+    c = TableCache(cache_dir, ttl_s=3600, stale_s=86400)
+    c.open()
+    assert c.put(table("frankfurter", DAY, time.time() - 3600 - 600))  # stale for 10 min
+    c.close()
+    settings = Settings(cache_dir=cache_dir, cache_ttl_s=3600, stale_if_error_s=86400,
+                        provider="frankfurter")
+    lines = command(settings, "list").splitlines()
+    assert len(lines) == 2  # no note: frankfurter tables are all cached
+    assert lines[1].endswith("stale for 10m 0s  23h 50m"), lines[1]
+    row, = json.loads(command(settings, "list", as_json=True))
+    assert row["fresh_for_s"] == 0 and 599 < row["stale_for_s"] < 605
+
+
+def test_cli_list_of_an_empty_cache_explains_the_bundled_ecb_history(cache_dir):
+    settings = Settings(cache_dir=cache_dir, provider="ecb")
+    lines = command(settings, "list").splitlines()
+    assert lines[0] == "no cached tables"
+    assert lines[1].startswith("note: the ecb provider reads the ECB history bundled")
+    assert "only later days are cached" in lines[1]
+    assert command(settings.replace(provider="frankfurter"), "list") == "no cached tables\n"
 
 
 def test_cli_show(settings, capsys):
@@ -418,11 +445,13 @@ def test_cli_show(settings, capsys):
     blocks = text.split("\n\n")
     assert len(blocks) == 2
     assert blocks[0].splitlines()[0].startswith("ecb 2021-05-18 (published 2021-05-18")
+    assert blocks[0].splitlines()[0].endswith(", in disk)")
     assert blocks[0].splitlines()[1:] == ["EUR  1", "GBP  0.86300", "USD  1.2225"]
     assert blocks[1].splitlines()[1:] == ["EUR  1", "USD  1.2226"]
 
     tables = json.loads(command(settings, "show", day="2021-05-18", as_json=True))
     assert [t["provider"] for t in tables] == ["ecb", "frankfurter"]
+    assert tables[0]["tiers"] == ["disk"]
     assert tables[0]["rates"] == {"EUR": "1", "GBP": "0.86300", "USD": "1.2225"}
 
     assert command(settings, "show", day="2020-01-01") == "no cached tables for 2020-01-01\n"
@@ -439,23 +468,26 @@ def test_cli_show(settings, capsys):
 def test_cli_stats(settings):
     command(settings, "show", day="2021-05-18")  # listing must not count as hits
     stats = json.loads(command(settings, "stats", as_json=True))
-    assert stats["directory"] == str(settings.cache_dir)
-    assert stats["entries"] == 3
-    assert stats["bytes"] > 0
-    assert (stats["hits"], stats["misses"]) == (0, 0)
+    assert list(stats) == ["disk"]  # no REDIS_URL: one tier
+    disk = stats["disk"]
+    assert disk["where"] == str(settings.cache_dir)
+    assert disk["entries"] == 3
+    assert disk["bytes"] > 0
+    assert (disk["hits"], disk["misses"]) == (0, 0)
 
     lines = command(settings, "stats").splitlines()
     assert [line.split()[0] for line in lines] == [
-        "directory", "entries", "bytes", "hits", "misses"]
-    assert lines[1].split() == ["entries", "3"]
+        "disk", "where", "entries", "bytes", "hits", "misses"]
+    assert lines[2].split() == ["entries", "3"]
 
 
 def test_cli_clear(settings):
-    assert command(settings, "clear") == "removed 3 cached tables\n"
-    assert json.loads(command(settings, "clear", as_json=True)) == {"removed": 0}
-    assert command(settings, "list") == "no cached tables\n"
+    assert command(settings, "clear") == "disk: removed 3 cached tables\n"
+    assert json.loads(command(settings, "clear", as_json=True)) == {
+        "removed": 0, "by_tier": {"disk": 0}}
+    assert command(settings, "list").startswith("no cached tables\n")
     assert json.loads(command(settings, "list", as_json=True)) == []
-    assert json.loads(command(settings, "stats", as_json=True))["entries"] == 0
+    assert json.loads(command(settings, "stats", as_json=True))["disk"]["entries"] == 0
 
 
 def test_cli_unknown_action(settings, capsys):

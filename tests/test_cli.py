@@ -72,8 +72,9 @@ def test_a_warm_cache_survives_restarts_and_expires(tmp_path):
         assert second.returncode == 0 and "81.81967 EUR" in second.stdout
         assert api.calls == 1
         listing = run_service(["cache", "list", "--json"], env)
+        # one range call fetched (and cached) every day of May 2021
         assert [(e["provider"], e["day"]) for e in json.loads(listing.stdout)] == [
-            ("frankfurter", "2021-05-18")]
+            ("frankfurter", f"2021-05-{d:02d}") for d in range(1, 32)]
         time.sleep(3.2)
         third = run_service(args, env)  # past EXRATE_CACHE_TTL: fetched again
         assert third.returncode == 0 and api.calls == 2

@@ -150,3 +150,19 @@ def test_error_reasons_are_truncated():
 
 def test_far_future_allows_one_day_of_clock_skew():
     assert protocol.parse(request(date="2026-11-25T23:00:00Z"), TODAY).day == TODAY + datetime.timedelta(1)
+
+
+def test_a_currency_code_with_a_trailing_newline_is_refused_by_requests_and_providers():
+    from exrate_green.rates import http
+    from exrate_green.rates.frankfurter import euro_rates
+
+    with pytest.raises(ProtocolError, match="invalid currency"):
+        protocol.read_currency("USD\n")
+    assert protocol.read_currency("usd") == "USD"
+    for bad in ("USD\n", "US", "USDX", "ßSD", " USD", None):
+        assert not protocol.is_currency_code(bad), bad
+        with pytest.raises(ProtocolError):
+            protocol.read_currency(bad)
+    assert http.is_currency_code is protocol.is_currency_code   # one validator
+    assert euro_rates({"USD\n": 1.2, "GBP": 0.9}, "test") == {"GBP": Decimal("0.9"),
+                                                                "EUR": Decimal(1)}

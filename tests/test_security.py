@@ -277,7 +277,9 @@ def test_currency_and_date_reach_no_url_unvalidated(tmp_path, provider):
             assert ok["type"] == "message"
     assert api.seen, "no request reached the rate API: the test proves nothing"
     if provider == "frankfurter":
-        shape = re.compile(r"/v1/(\d{4}-\d{2}-\d{2}|latest)")
+        # a day, today, or a past day's month as a range (START..END)
+        day = r"\d{4}-\d{2}-\d{2}"
+        shape = re.compile(rf"/v1/({day}|latest|{day}\.\.{day})")
         assert all(shape.fullmatch(path) and query == "base=EUR"
                    for path, query in api.seen), api.seen
     else:

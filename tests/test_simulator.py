@@ -14,7 +14,7 @@ import pytest
 import websocket
 
 from exrate_green.simulator import Upstream
-from exrate_green.simulator.upstream import MARKET_SELECTIONS
+from exrate_green.simulator.traffic import MARKET_SELECTIONS
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -271,6 +271,32 @@ def test_client_close_is_answered_and_recorded(upstream):
     ws.close(status=4000, reason=b"bye", timeout=1)
     assert upstream.wait_until(lambda: upstream.connected() == 0, 2)
     assert upstream.client_closes() == [(4000, "bye")]
+
+
+def test_a_ping_from_the_client_gets_its_pong(upstream, client):
+    client.ping(b"are you there")
+    for _ in range(10):   # heartbeats may come first
+        opcode, frame = client.recv_data_frame(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_PONG:
+            break
+    assert (opcode, frame.data) == (websocket.ABNF.OPCODE_PONG, b"are you there")
+
+
+def test_a_client_that_breaks_the_protocol_is_a_problem_closed_with_1002(upstream, client):
+    bad = websocket.ABNF(fin=1, rsv1=1, opcode=websocket.ABNF.OPCODE_TEXT,
+                         data=b'{"type":"heartbeat"}')
+    client.send_frame(bad)   # RSV1 set, no extension negotiated
+    codes = []
+    for _ in range(10):
+        opcode, frame = client.recv_data_frame(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            codes.append(struct.unpack("!H", frame.data[:2])[0])
+            break
+    assert codes == [1002]
+    assert upstream.wait_until(lambda: upstream.connected() == 0, 2)
+    problems = upstream.problems()
+    assert len(problems) == 1 and "RSV" in problems[0], problems
+    assert upstream.report()["client_heartbeats"] == 0
 
 
 def test_stop_ends_connections():

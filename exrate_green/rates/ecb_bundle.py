@@ -67,6 +67,12 @@ class EcbBundle:
         self.load()
         return self._days[-1]
 
+    def publications(self, first, last):
+        """The publication days from ``first`` to ``last``, both included, in order."""
+        self.load()
+        return self._days[bisect.bisect_left(self._days, first):
+                          bisect.bisect_right(self._days, last)]
+
     def table(self, day):
         """The table valid on ``day``: its publication or the latest earlier one.
 

@@ -11,10 +11,11 @@ and ``info`` may repeat the request URL, access key included.
 
 import datetime
 import time
-from decimal import Context, Decimal, ROUND_HALF_EVEN
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from ..errors import DateOutOfRange, RateUnavailable
 from ..redact import redact
+from .breaker import ProviderRefused
 from .http import as_day, is_currency_code, parse_day, to_rate, utc_today
 from .table import FIRST_DAY, RateTable
 
@@ -24,6 +25,14 @@ CROSS_RATE_CONTEXT = Context(prec=28, rounding=ROUND_HALF_EVEN)
 
 #: longest excerpt of the API's error text kept in a ``why``
 MAX_INFO_CHARS = 200
+
+#: apilayer error codes that retrying within the hour cannot fix: the breaker opens for an
+#: hour with these words as its reason
+REFUSALS = {
+    101: "access key missing or invalid",
+    104: "monthly request quota exhausted",
+    105: "the subscription plan does not allow this request",
+}
 
 
 class ExchangerateHostProvider:
@@ -50,7 +59,14 @@ class ExchangerateHostProvider:
         """Always: every answer costs a network call (and the plan's quota)."""
         return True
 
-    def fetch(self, day):
+    def fetch_key(self, day):
+        """One call per day: the API has no range endpoint on the free plan."""
+        return as_day(day).isoformat()
+
+    def fetch_tables(self, key, **http):
+        return [self.fetch(datetime.date.fromisoformat(key), **http)]
+
+    def fetch(self, day, **http):
         """The table valid on ``day`` (a ``datetime.date``, UTC).
 
         Raises ``DateOutOfRange`` before 1999-01-04 and ``RateUnavailable`` for any failure
@@ -61,11 +77,11 @@ class ExchangerateHostProvider:
             raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
         if day >= self._today():
             answer = self.http.get_json(f"{self.base_url}/live",
-                                        {"access_key": self._access_key})
+                                        {"access_key": self._access_key}, **http)
         else:
             answer = self.http.get_json(f"{self.base_url}/historical",
                                         {"access_key": self._access_key,
-                                         "date": day.isoformat()})
+                                         "date": day.isoformat()}, **http)
         return self._table(day, answer)
 
     def close(self):
@@ -75,7 +91,12 @@ class ExchangerateHostProvider:
         if not isinstance(answer, dict):
             raise RateUnavailable("unexpected answer from exchangerate.host: not an object")
         if answer.get("success") is not True:
-            raise RateUnavailable(self._api_error(answer.get("error")))
+            error = answer.get("error")
+            why = self._api_error(error)
+            code = error.get("code") if isinstance(error, dict) else None
+            if code in REFUSALS:
+                raise ProviderRefused(why, REFUSALS[code])
+            raise RateUnavailable(why)
         source, quotes = answer.get("source"), answer.get("quotes")
         if not is_currency_code(source) or not isinstance(quotes, dict):
             raise RateUnavailable(
@@ -128,7 +149,7 @@ def _published(answer, day):
     timestamp = answer.get("timestamp")
     if published is None and isinstance(timestamp, int) and not isinstance(timestamp, bool):
         try:
-            published = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).date()
+            published = datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
         except (OverflowError, OSError, ValueError):
             published = None
     return min(published or day, day)

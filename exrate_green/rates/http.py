@@ -13,8 +13,8 @@ JSON number as a rate).
 import datetime
 import json
 import logging
+import math
 import random
-import re
 import time
 import urllib.parse
 from decimal import Decimal, InvalidOperation
@@ -22,9 +22,11 @@ from decimal import Decimal, InvalidOperation
 import gevent
 import requests
 import requests.adapters
+import urllib3.exceptions
 
 from .. import __version__
 from ..errors import RateUnavailable
+from ..protocol import is_currency_code  # noqa: F401  the one validator, for the providers
 from ..redact import redact
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ USER_AGENT = f"exrate-green/{__version__} (python-requests/{requests.__version__
 
 #: attempts per call, the first included; the deadline usually ends them sooner
 MAX_ATTEMPTS = 4
-POOL_SIZE = 32  # concurrent connections per rate API host
 #: first pause between attempts, doubled each time (0.25, 0.5, 1.0 s) and jittered by up
 #: to -50 % so that clients failing together do not retry in lockstep
 BACKOFF_S = 0.25
@@ -77,24 +78,31 @@ class HttpClient:
     keep out of every message (``access_key``). Safe to share between greenlets.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, *, pool_size=None):
         self.timeout_s = settings.http_timeout_s
         self.connect_timeout_s = settings.http_connect_timeout_s
         self.verify = settings.ca_file or True
         self.secrets = tuple(s for s in (settings.access_key,) if s)
-        self.session = _make_session()
+        self.pool_size = pool_size or pool_size_for(settings)
+        self.session = _make_session(self.pool_size)
+        #: HTTP requests sent (every attempt, retries included), by this client
+        self.attempts = 0
 
-    def get_json(self, url, params=None):
+    def get_json(self, url, params=None, *, on_attempt=None, may_retry=None):
         """The JSON answer of ``GET url?params``, decoded with floats as ``Decimal``.
 
         Retries 429, 5xx and connection failures with exponential backoff, honouring a
         Retry-After given in seconds; never waits or retries past ``http_timeout_s`` from
-        the call. Raises ``RateUnavailable`` (``HttpError`` for other HTTP error statuses).
+        the call. ``on_attempt()`` is called before each HTTP request is sent (to count
+        them); ``may_retry()`` is asked before each retry (a provider whose breaker has
+        seen failures makes one attempt). Raises ``RateUnavailable`` (``HttpError`` for
+        other HTTP error statuses); no library exception leaves this method.
         """
         timeout = gevent.Timeout(self.timeout_s)
         timeout.start()
         try:
-            return self._get_with_retries(url, params, time.monotonic() + self.timeout_s)
+            return self._get_with_retries(url, params, time.monotonic() + self.timeout_s,
+                                          on_attempt, may_retry)
         except gevent.Timeout as e:
             if e is not timeout:
                 raise
@@ -113,15 +121,19 @@ class HttpClient:
     def __exit__(self, *exc_info):
         self.close()
 
-    def _get_with_retries(self, url, params, deadline):
+    def _get_with_retries(self, url, params, deadline, on_attempt, may_retry):
         where = self._where(url)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
+                self.attempts += 1
+                if on_attempt is not None:
+                    on_attempt()
                 return self._attempt(url, params, where, deadline)
             except _Retryable as failure:
                 pause = _pause_before_retry(failure, attempt)
                 left = deadline - time.monotonic()
-                if attempt == MAX_ATTEMPTS or pause + MIN_ATTEMPT_S > left:
+                if (attempt == MAX_ATTEMPTS or pause + MIN_ATTEMPT_S > left
+                        or (may_retry is not None and not may_retry())):
                     raise RateUnavailable(
                         f"{failure.why} (gave up after {attempt} attempt"
                         f"{'s' if attempt > 1 else ''}, {max(left, 0):.1f} s of the "
@@ -152,6 +164,10 @@ class HttpClient:
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             raise _Retryable(f"cannot reach {where}: {self._reason(e)}") from e
         except requests.RequestException as e:
+            raise RateUnavailable(f"request to {where} failed: {self._reason(e)}") from e
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            # urllib3 errors requests does not wrap (a pool error, a protocol error while
+            # streaming), socket errors, a malformed URL: translated here, never a class name.
             raise RateUnavailable(f"request to {where} failed: {self._reason(e)}") from e
         if status == 429 or status >= 500:
             raise _Retryable(f"HTTP {status} from {where}", retry_after_s)
@@ -191,15 +207,22 @@ class HttpClient:
         return f": {redact(text, self.secrets)}"
 
 
-def _make_session():
+def pool_size_for(settings):
+    """Pooled connections per API host: one per fetcher greenlet of every provider in the
+    chain (several providers may share a host), so no fetch ever waits for a connection."""
+    return max(settings.fetch_concurrency * len(settings.providers), 1)
+
+
+def _make_session(pool_size):
     session = requests.Session()
     session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-    # Retries are ours (within the budget), so urllib3's own are off. pool_block: past
-    # POOL_SIZE concurrent fetches a caller waits for a pooled connection (inside its
-    # deadline) instead of opening one more socket, which bounds file descriptors however
-    # many cold days are asked for at once.
+    # Retries are ours (within the budget), so urllib3's own are off. Concurrency is
+    # bounded by the fetcher greenlets (EXRATE_FETCH_CONCURRENCY per provider), and the
+    # pool holds one connection per fetcher, so nobody waits for a connection: with
+    # pool_block=True, a gevent.Timeout ending a fetch that waited in urllib3's pool queue
+    # returned None into a full pool (FullPoolError) and the budget included the wait.
     adapter = requests.adapters.HTTPAdapter(
-        pool_connections=4, pool_maxsize=POOL_SIZE, pool_block=True, max_retries=0)
+        pool_connections=4, pool_maxsize=pool_size, pool_block=False, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.max_redirects = 3
@@ -223,7 +246,7 @@ def _retry_after_s(response):
         seconds = float(value)
     except ValueError:
         return None
-    return max(seconds, 0.0) if seconds == seconds and seconds != float("inf") else None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def _pause_before_retry(failure, attempt):
@@ -250,7 +273,7 @@ def _innermost_reason(error):
         error = inner
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return str(error) or type(error).__name__
+    return str(error) or "no detail given"
 
 
 def _refuse_constant(name):
@@ -259,12 +282,9 @@ def _refuse_constant(name):
 
 # --- shared by the providers ---------------------------------------------------------
 
-_CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
-
-
 def utc_today():
     """Today's date in UTC: the day whose rate ``latest``/``live`` endpoints give."""
-    return datetime.datetime.now(datetime.timezone.utc).date()
+    return datetime.datetime.now(datetime.UTC).date()
 
 
 def as_day(day):
@@ -277,10 +297,6 @@ def as_day(day):
     if isinstance(day, datetime.date):
         return datetime.date(day.year, day.month, day.day)
     raise TypeError(f"a datetime.date is needed, not {type(day).__name__}")
-
-
-def is_currency_code(code):
-    return isinstance(code, str) and bool(_CURRENCY_CODE.match(code))
 
 
 def to_rate(value):

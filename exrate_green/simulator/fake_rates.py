@@ -1,7 +1,8 @@
 """A fake of both rate APIs on ``gevent.pywsgi``, offline, from the bundled ECB history.
 
-Frankfurter lives under ``/v1`` (``/v1/YYYY-MM-DD``, ``/v1/latest``) and exchangerate.host
-at the root (``/historical``, ``/live``), so one server stands in for both::
+Frankfurter lives under ``/v1`` (``/v1/YYYY-MM-DD``, ``/v1/latest``, the range
+``/v1/YYYY-MM-DD..YYYY-MM-DD``) and exchangerate.host at the root (``/historical``,
+``/live``), so one server stands in for both::
 
     with FakeRateApi() as api:
         settings = Settings(frankfurter_url=api.url + "/v1", exchangerate_host_url=api.url)
@@ -17,6 +18,7 @@ import collections
 import datetime
 import json
 import logging
+import typing
 import urllib.parse
 import wsgiref.util
 from decimal import Context, Decimal
@@ -44,12 +46,19 @@ HANG_S = 60.0
 _QUOTES = Context(prec=7)
 
 
-class _Request:
-    """One request to a rate route: which API ``shape``, the ``day`` asked for (a date, or
-    ``None`` if malformed), the query and the full URL (for errors that echo it)."""
+#: the endpoints ``calls_by_endpoint`` counts
+ENDPOINTS = ("frankfurter.day", "frankfurter.latest", "frankfurter.range",
+             "exchangerate.host.historical", "exchangerate.host.live")
 
-    def __init__(self, shape, day, query, url):
+
+class _Request:
+    """One request to a rate route: which API ``shape``, which ``endpoint``, the ``day``
+    asked for (a date, or ``None`` if malformed; a range's first day), ``end`` (a range's
+    last day), the query and the full URL (for errors that echo it)."""
+
+    def __init__(self, shape, day, query, url, endpoint, end=None):
         self.shape, self.day, self.query, self.url = shape, day, query, url
+        self.endpoint, self.end = endpoint, end
 
 
 class FakeRateApi:
@@ -58,8 +67,10 @@ class FakeRateApi:
     ``latency_s`` delays every answer (changeable while running); ``extra_rates`` adds to
     or overrides ``EXTRA_RATES`` ({code: units per EUR}); ``access_key`` is the one key
     exchangerate.host accepts (``None``: any non-empty key). ``calls`` counts requests to
-    rate routes, ``calls_by_day`` counts them by the day asked for (a ``datetime.date``;
-    ``latest``/``live`` count under today's UTC date).
+    rate routes, ``calls_by_day`` counts single-day ones by the day asked for (a
+    ``datetime.date``; ``latest``/``live`` count under today's UTC date),
+    ``calls_by_range`` range calls by (start, end), ``calls_by_endpoint`` every call by
+    endpoint (``ENDPOINTS``), ``max_concurrent`` the most requests in progress at once.
     """
 
     def __init__(self, host="127.0.0.1", port=0, *, latency_s=0.0, extra_rates=None,
@@ -70,6 +81,10 @@ class FakeRateApi:
         self.access_key = access_key
         self.calls = 0
         self.calls_by_day = collections.Counter()
+        self.calls_by_range = collections.Counter()
+        self.calls_by_endpoint = collections.Counter()
+        self.max_concurrent = 0  # most requests being answered at once
+        self._active = 0
         self._bundle = bundle or EcbBundle()
         self._faults = collections.deque()
         self._stopping = gevent.event.Event()
@@ -128,6 +143,9 @@ class FakeRateApi:
         """Zero the counters and drop queued failures."""
         self.calls = 0
         self.calls_by_day.clear()
+        self.calls_by_range.clear()
+        self.calls_by_endpoint.clear()
+        self.max_concurrent = 0
         self._faults.clear()
 
     # --- the WSGI application ----------------------------------------------------------
@@ -137,32 +155,48 @@ class FakeRateApi:
         if request is None:
             return _json(start_response, "404 Not Found", {"message": "not found"})
         self._count(request)
-        if self.latency_s > 0:
-            self._stopping.wait(self.latency_s)
-        if self._faults:
-            return self._FAILURES[self._faults.popleft()](self, request, start_response)
-        if request.shape == "frankfurter":
-            return self._frankfurter(request, start_response)
-        return self._exchangerate_host(request, start_response)
+        self._active += 1
+        self.max_concurrent = max(self.max_concurrent, self._active)
+        try:
+            if self.latency_s > 0:
+                self._stopping.wait(self.latency_s)
+            if self._faults:
+                return self._FAILURES[self._faults.popleft()](self, request, start_response)
+            if request.endpoint == "frankfurter.range":
+                return self._frankfurter_range(request, start_response)
+            if request.shape == "frankfurter":
+                return self._frankfurter(request, start_response)
+            return self._exchangerate_host(request, start_response)
+        finally:
+            self._active -= 1
 
     def _route(self, environ):
         path = environ.get("PATH_INFO", "")
         query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
         url = wsgiref.util.request_uri(environ)
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = datetime.datetime.now(datetime.UTC).date()
         if path in ("/v1/latest", "/v1/latest/"):
-            return _Request("frankfurter", today, query, url)
+            return _Request("frankfurter", today, query, url, "frankfurter.latest")
+        if path.startswith("/v1/") and ".." in path:
+            start, _, end = path[len("/v1/"):].rstrip("/").partition("..")
+            return _Request("frankfurter", _day(start), query, url, "frankfurter.range",
+                            _day(end) if end else today)
         if path.startswith("/v1/"):
-            return _Request("frankfurter", _day(path[len("/v1/"):].rstrip("/")), query, url)
+            return _Request("frankfurter", _day(path[len("/v1/"):].rstrip("/")), query, url,
+                            "frankfurter.day")
         if path == "/live":
-            return _Request("exchangerate.host", today, query, url)
+            return _Request("exchangerate.host", today, query, url, "exchangerate.host.live")
         if path == "/historical":
-            return _Request("exchangerate.host", _day(query.get("date", "")), query, url)
+            return _Request("exchangerate.host", _day(query.get("date", "")), query, url,
+                            "exchangerate.host.historical")
         return None
 
     def _count(self, request):
         self.calls += 1
-        if request.day is not None:
+        self.calls_by_endpoint[request.endpoint] += 1
+        if request.endpoint == "frankfurter.range":
+            self.calls_by_range[(request.day, request.end)] += 1
+        elif request.day is not None:
             self.calls_by_day[request.day] += 1
 
     def _frankfurter(self, request, start_response):
@@ -176,6 +210,25 @@ class FakeRateApi:
         return _json(start_response, "200 OK", {
             "amount": Decimal("1.0"), "base": "EUR", "date": published.isoformat(),
             "rates": dict(sorted(rates.items()))})
+
+    def _frankfurter_range(self, request, start_response):
+        """``{"amount":1.0,"base":"EUR","start_date":..,"end_date":..,"rates":{day:{..}}}``:
+        one entry per publication from START to END (both included), like the real API."""
+        start, end = request.day, request.end
+        if start is None or end is None or end < start or end < FIRST_DAY:
+            return _json(start_response, "404 Not Found", {"message": "not found"})
+        if request.query.get("base", "EUR") != "EUR":
+            return _json(start_response, "422 Unprocessable Entity",
+                         {"message": "the fake serves base=EUR only"})
+        rates = {}
+        for day in self._bundle.publications(max(start, FIRST_DAY), end):
+            table = dict(self._bundle.table(day).rates)
+            table.pop("EUR")
+            rates[day.isoformat()] = dict(sorted(table.items()))
+        days = list(rates) or [start.isoformat(), end.isoformat()]
+        return _json(start_response, "200 OK", {
+            "amount": Decimal("1.0"), "base": "EUR", "start_date": days[0],
+            "end_date": days[-1], "rates": rates})
 
     def _exchangerate_host(self, request, start_response):
         key = request.query.get("access_key")
@@ -235,8 +288,9 @@ class FakeRateApi:
                           "Your monthly usage limit has been reached. Please upgrade your "
                           "Subscription Plan.")
 
-    _FAILURES = {"500": _fail_500, "429": _fail_429, "hang": _fail_hang,
-                 "bad_json": _fail_bad_json, "api_error": _fail_api_error}
+    _FAILURES: typing.ClassVar[dict] = {"500": _fail_500, "429": _fail_429, "hang": _fail_hang,
+                                         "bad_json": _fail_bad_json,
+                                         "api_error": _fail_api_error}
 
 
 def _day(text):
@@ -248,7 +302,7 @@ def _day(text):
 
 def _end_of_day(day):
     """The epoch second at which ``day``'s rates were last quoted (23:59:59 UTC)."""
-    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.timezone.utc)
+    moment = datetime.datetime.combine(day, datetime.time(23, 59, 59), datetime.UTC)
     return int(moment.timestamp())
 
 

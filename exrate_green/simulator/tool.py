@@ -13,7 +13,7 @@ connection, e.g. ``5:pause=3,12:drop,20:close=1011,25:garbage=10,30:slowread=2``
 ``pause=S``    send no heartbeat for S seconds (the client should give up and reconnect)
 ``drop``       end every connection abruptly: TCP shutdown, no close frame
 ``close=CODE`` send a close frame with CODE (default 1000) and end the connection
-``garbage=N``  send N bad frames (non-JSON, binary, invalid UTF-8, deep nesting, requests
+``garbage=N``  send N bad frames (non-JSON, binary, non-ASCII text, deep nesting, requests
                with a bad payload that each need an error reply)
 ``slowread=S`` for S seconds read the client's frames at ~80 KiB/s, so its writes back up
 =============  ==========================================================================
@@ -40,7 +40,7 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from .fake_rates import FAULT_MODES, FakeRateApi
-from .upstream import Upstream
+from .server import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,17 @@ Why the shape:
   warning, never an exception out of ``get``/``put``: the rate provider is the source of
   truth, the cache only saves calls to it.
 
+* Rows are kept ``ttl_s + stale_s`` seconds after the table's ``fetched_at``: fresh for
+  ``ttl_s``, then held for stale-if-error use; the caller judges freshness.
+
 The in-memory front for hot tables lives in the rate book (``rates/book.py``); this module
-is the disk layer under it. ``run_cache_command`` serves ``exrate-service cache ...``.
+is the disk tier under it, ``tiers.TieredCache`` puts Redis below it.
 """
 
 import contextlib
-import datetime
-import json
 import logging
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -33,8 +33,8 @@ import gevent
 import gevent.monkey
 from gevent.threadpool import ThreadPool
 
-from .errors import CacheError
-from .rates.table import RateTable
+from ..errors import CacheError
+from ..rates.table import RateTable
 
 log = logging.getLogger("exrate_green.cache")
 
@@ -130,16 +130,17 @@ def _returning_failure(fn, *args):
         return e, None
 
 
-def table_key(provider, day):
+def table_key(provider: str, day) -> str:
     """The cache key of one provider's table for one day: ``"ecb/2021-05-18"``."""
     return f"{provider}/{day.isoformat()}"
 
 
 class TableCache:
-    """Rate tables on disk (diskcache), JSON text only, expiring ttl_s after they were fetched.
+    """Rate tables on disk (diskcache), JSON text only, kept ``ttl_s + stale_s`` after fetching.
 
     ``directory``: the cache directory (created by ``open``). ``ttl_s``: seconds a table
-    stays valid after its ``fetched_at``. ``timeout_s``: SQLite's wait for a lock held by
+    is fresh after its ``fetched_at``; ``stale_s``: seconds it is kept beyond that for
+    stale-if-error use (0: dropped when no longer fresh). ``timeout_s``: SQLite's wait for a lock held by
     another process, in seconds, per statement; short, so a locked cache degrades to misses
     quickly. ``wait_s``: the longest a ``get``/``put`` caller waits for the disk thread
     (queueing behind other callers included), in seconds.
@@ -152,9 +153,15 @@ class TableCache:
     also a miss); ``stats()`` reports diskcache's persistent counters across processes.
     """
 
-    def __init__(self, directory, ttl_s, *, timeout_s=1.0, wait_s=5.0):
+    name = "disk"
+
+    def __init__(self, directory, ttl_s: float, *, stale_s: float = 0.0,
+                 timeout_s: float = 1.0, wait_s: float = 5.0):
         self.directory = Path(directory).expanduser().absolute()
         self.ttl_s = float(ttl_s)
+        self.stale_s = float(stale_s)
+        #: seconds a row is kept after its table's fetched_at
+        self.keep_s = self.ttl_s + self.stale_s
         self.timeout_s = float(timeout_s)
         self.wait_s = float(wait_s)
         self.hits = 0
@@ -166,6 +173,11 @@ class TableCache:
         # After a lock timeout the disk is skipped until then (monotonic seconds): every
         # caller queued behind the one thread would otherwise wait out the same lock.
         self._skip_until = 0.0
+
+    @property
+    def where(self) -> str:
+        """Where the tier keeps its tables, for ``cache stats``: the directory."""
+        return str(self.directory)
 
     @property
     def enabled(self):
@@ -203,11 +215,13 @@ class TableCache:
 
     # -- the service's path: greenlets, never an exception -------------------------------
 
-    def get(self, provider, day):
+    def get(self, provider: str, day) -> RateTable | None:
         """The cached table of ``provider`` for ``day`` (a ``datetime.date``), or ``None``.
 
-        ``None`` for a miss, an expired table, or any cache failure (logged, counted in
-        ``errors``; a malformed row is deleted).
+        A table is returned while it is kept (``ttl_s + stale_s`` after its fetch; the
+        caller judges freshness from ``fetched_at``). ``None`` for a miss, a table past
+        that, or any cache failure (logged, counted in ``errors``; a malformed row is
+        deleted).
         """
         table = self._call("read", self._read, table_key(provider, day))
         if table is None:
@@ -216,13 +230,21 @@ class TableCache:
             self.hits += 1
         return table
 
-    def put(self, table):
-        """Store ``table``, expiring ``ttl_s`` seconds after ``table.fetched_at``.
+    def put(self, table: RateTable) -> bool:
+        """Store ``table``, kept ``ttl_s + stale_s`` seconds after ``table.fetched_at``.
 
-        Returns True when written; False when the table is already expired, the cache is
+        Returns True when written; False when the table is already past that, the cache is
         disabled, or the write failed (logged, counted in ``errors``).
         """
         return bool(self._call("write", self._write, table))
+
+    def put_many(self, tables) -> int:
+        """Store every table of ``tables`` in one transaction (one trip to the disk
+        thread); returns how many were written (0 if the write failed, logged)."""
+        tables = list(tables)
+        if not tables:
+            return 0
+        return self._call("write", self._write_many, tables) or 0
 
     def _call(self, what, fn, *args):
         """``fn(*args)`` in the disk thread, waiting at most ``wait_s``; None on failure."""
@@ -330,12 +352,12 @@ class TableCache:
             self._discard(key)
             raise CacheError(f"row {key!r} holds the table of "
                              f"{table_key(table.provider, table.day)!r}, deleted")
-        if table.fetched_at + self.ttl_s <= time.time():
-            return None  # written by a process with a longer ttl; too old for ours
+        if table.fetched_at + self.keep_s <= time.time():
+            return None  # written by a process that keeps tables longer; too old for ours
         return table
 
     def _write(self, table):
-        expire_s = table.fetched_at + self.ttl_s - time.time()
+        expire_s = table.fetched_at + self.keep_s - time.time()
         if expire_s <= 0:
             return False
         self._check_not_skipping()
@@ -344,6 +366,21 @@ class TableCache:
             return self._cache.set(key, table.to_json(), expire=expire_s)
         except _DISK_ERRORS as e:
             raise self._failure(f"cannot write {key!r}", e) from e
+
+    def _write_many(self, tables):
+        now = time.time()
+        keep = [t for t in tables if t.fetched_at + self.keep_s > now]
+        if not keep:
+            return 0
+        self._check_not_skipping()
+        try:
+            with self._cache.transact():  # one commit (one fsync) for a month of tables
+                for table in keep:
+                    self._cache.set(table_key(table.provider, table.day), table.to_json(),
+                                    expire=table.fetched_at + self.keep_s - now)
+        except _DISK_ERRORS as e:
+            raise self._failure(f"cannot write {len(keep)} tables", e) from e
+        return len(keep)
 
     def _discard(self, key):
         try:
@@ -367,6 +404,7 @@ class TableCache:
     def _entries(self):
         now = time.time()
         return [{
+            "tier": self.name,
             "provider": table.provider,
             "day": table.day.isoformat(),
             "published": table.published.isoformat(),
@@ -384,7 +422,8 @@ class TableCache:
         try:
             self._cache.expire()  # so that "entries" counts live tables only
             hits, misses = self._cache.stats(enable=True)
-            return {"directory": str(self.directory), "entries": len(self._cache),
+            return {"tier": self.name, "where": str(self.directory),
+                    "entries": len(self._cache),
                     "bytes": self._cache.volume(), "hits": hits, "misses": misses}
         except _DISK_ERRORS as e:
             raise CacheError(f"cannot read cache statistics: {e!r}") from e
@@ -442,148 +481,3 @@ class TableCache:
             yield
         finally:
             self._cache.reset("statistics", 1, update=False)
-
-
-# -- the CLI: exrate-service cache (list | show DAY | stats | clear) [--json] -------------
-
-ACTIONS = ("list", "show", "stats", "clear")
-
-
-def run_cache_command(settings, action, day=None, as_json=False, out=None):
-    """Run ``exrate-service cache ACTION``; returns the exit code.
-
-    ``out`` defaults to ``sys.stdout`` (looked up at call time). 0 on success, 2 for a bad
-    action or DAY (one line on stderr), 1 if the cache cannot be read.
-    """
-    out = sys.stdout if out is None else out
-    if action not in ACTIONS:
-        return _usage_error(f"unknown cache action {action!r}: choose one of "
-                            f"{', '.join(ACTIONS)}")
-    if action == "show":
-        try:
-            day = _parse_day(day)
-        except ValueError as e:
-            return _usage_error(str(e))
-    cache = TableCache(settings.cache_dir, settings.cache_ttl_s)
-    cache.open()
-    try:
-        result = _ACTIONS[action](cache, day)
-    except CacheError as e:
-        print(f"exrate-service cache {action}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        cache.close()
-    if as_json:
-        print(json.dumps(result, indent=2), file=out)
-    else:
-        _FORMATS[action](result, day, out)
-    return 0
-
-
-def _usage_error(message):
-    print(f"exrate-service cache: {message}", file=sys.stderr)
-    return 2
-
-
-def _parse_day(day):
-    if isinstance(day, datetime.date):
-        return day
-    try:
-        return datetime.date.fromisoformat(day or "")
-    except (TypeError, ValueError):
-        raise ValueError(f"invalid day {day!r}: expected YYYY-MM-DD") from None
-
-
-def _cli_list(cache, day):
-    rows = sorted(cache.entries(), key=lambda e: (e["day"], e["provider"]))
-    for row in rows:
-        row["fetched_at"] = _utc_iso(row["fetched_at"])
-        if row["expires_in_s"] is not None:
-            row["expires_in_s"] = round(row["expires_in_s"], 1)
-    return rows
-
-
-def _cli_show(cache, day):
-    return [{"provider": t.provider, "day": t.day.isoformat(),
-             "published": t.published.isoformat(), "fetched_at": _utc_iso(t.fetched_at),
-             "rates": {code: str(rate) for code, rate in sorted(t.rates.items())}}
-            for t in cache.tables_for(day)]
-
-
-def _cli_stats(cache, day):
-    return cache.stats()
-
-
-def _cli_clear(cache, day):
-    return {"removed": cache.clear()}
-
-
-_ACTIONS = {"list": _cli_list, "show": _cli_show, "stats": _cli_stats, "clear": _cli_clear}
-
-
-def _format_list(rows, day, out):
-    if not rows:
-        print("no cached tables", file=out)
-        return
-    headers = ("PROVIDER", "DAY", "PUBLISHED", "CURRENCIES", "FETCHED AT (UTC)", "EXPIRES IN")
-    body = [(r["provider"], r["day"], r["published"], str(r["currencies"]), r["fetched_at"],
-             _duration(r["expires_in_s"])) for r in rows]
-    _print_table(headers, body, out, right={3})
-
-
-def _format_show(tables, day, out):
-    if not tables:
-        print(f"no cached tables for {day.isoformat()}", file=out)
-        return
-    for n, table in enumerate(tables):
-        if n:
-            print(file=out)
-        print(f"{table['provider']} {table['day']} (published {table['published']}, "
-              f"{len(table['rates'])} currencies per 1 EUR, fetched {table['fetched_at']})",
-              file=out)
-        _print_table(None, list(table["rates"].items()), out)
-
-
-def _format_stats(stats, day, out):
-    _print_table(None, [(name, str(value)) for name, value in stats.items()], out)
-
-
-def _format_clear(result, day, out):
-    removed = result["removed"]
-    print(f"removed {removed} cached table{'' if removed == 1 else 's'}", file=out)
-
-
-_FORMATS = {"list": _format_list, "show": _format_show, "stats": _format_stats,
-            "clear": _format_clear}
-
-
-def _print_table(headers, rows, out, right=()):
-    """Columns padded to their widest cell, two spaces apart; ``right`` aligns numbers."""
-    lines = ([headers] if headers else []) + [tuple(row) for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for line in lines:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(line, widths))]
-        print("  ".join(cells).rstrip(), file=out)
-
-
-def _utc_iso(epoch_s):
-    moment = datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _duration(seconds):
-    """``"1h 59m"``, ``"4m 10s"``, ``"42s"``; "never" for no expiry, "expired" at zero.
-
-    Rounded to the unit shown last, so 7139.6 s is "1h 59m", not "1h 58m".
-    """
-    if seconds is None:
-        return "never"
-    whole = round(seconds)
-    if whole <= 0:
-        return "expired"
-    if whole >= 3600:
-        hours, minutes = divmod(round(seconds / 60), 60)
-        return f"{hours}h {minutes}m"
-    minutes, secs = divmod(whole, 60)
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
