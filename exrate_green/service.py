@@ -453,4 +453,6 @@ class Service:
                 f"possibly_lost={s.possibly_lost} in_flight={len(self.waiting)} "
                 f"outbox={len(session.outbox) if session else 0} kept={len(self.undelivered)} "
                 f"memory_hits={self.book.memory_hits} cache_hits={cache[0]} "
-                f"cache_misses={cache[1]} rate_api_calls={self.book.api_calls}")
+                f"cache_misses={cache[1]} rate_api_calls={self.book.api_calls} "
+                f"rate_api_fetches={getattr(self.book, 'fetches', 0)} "
+                f"failed_lookups={self.waiting.failed_lookups}")

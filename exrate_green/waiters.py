@@ -14,6 +14,7 @@ greenlet).
 """
 
 import logging
+import time
 
 import gevent
 from gevent.event import Event
@@ -25,6 +26,8 @@ log = logging.getLogger("exrate_green.service")
 
 #: requests answered between two yields to the hub when a day's table arrives
 SLICE = 256
+#: at most one "no rate table" warning per this many seconds (the rest are counted)
+WARN_EVERY_S = 1.0
 
 
 class Waiters:
@@ -47,6 +50,9 @@ class Waiters:
         self._room.set()
         self._idle = Event()
         self._idle.set()
+        self.failed_lookups = 0  # lookups that ended in a RateError
+        self._warned_at = float("-inf")
+        self._unlogged = 0
 
     def __len__(self):
         return self.count
@@ -108,9 +114,7 @@ class Waiters:
             outcome = self.book.get(day, currency)
         except RateError as e:
             outcome = e
-            held = len(self.by_lookup.get(key, ()))
-            log.warning("no rate table for %s (%s): %s; %d request(s) get an error reply",
-                        day.isoformat(), currency, e, held)
+            self._warn(day, currency, e, len(self.by_lookup.get(key, ())))
         except Exception as e:  # a bug must still leave the requests answered
             log.exception("waiting for the rate table of %s failed", day)
             outcome = RateError(f"internal error ({type(e).__name__})")
@@ -133,6 +137,20 @@ class Waiters:
             if done < len(held):  # killed between slices: the rest is abandoned
                 self.count -= len(held) - done
                 self._changed()
+
+    def _warn(self, day, currency, error, held):
+        """A lookup that finally failed is a WARNING; during an outage, one line a second
+        at most, saying how many more failed since."""
+        self.failed_lookups += 1
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more lookup(s) failed since the last line)" \
+            if self._unlogged else ""
+        self._warned_at, self._unlogged = now, 0
+        log.warning("no rate table for %s (%s): %s; %d request(s) get an error reply%s",
+                    day.isoformat(), currency, error, held, more)
 
     def _changed(self):
         if not self.full():

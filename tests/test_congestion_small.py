@@ -147,3 +147,25 @@ def test_the_redelivery_queue_stays_in_time_order_after_a_failed_redelivery(tmp_
         assert service.stats.dropped == 1 and service.stats.possibly_lost == 1
     finally:
         runtime.close()
+
+
+def test_a_lookup_that_finally_fails_is_a_warning_at_most_once_a_second(tmp_path, caplog):
+    from exrate_green.simulator import FakeRateApi, Upstream
+
+    from .support import running_service
+
+    caplog.set_level("WARNING", logger="exrate_green.service")
+    with FakeRateApi() as api, Upstream() as up, running_service(
+            up.url, tmp_path, provider="frankfurter", frankfurter_url=api.frankfurter_url,
+            http_timeout_s=0.5) as service:
+        assert up.wait_for_connections(1, 5)
+        api.fail_next(1000, "500")
+        ids = [up.send_request({"marketId": 1, "selectionId": 2, "odds": 2.0, "stake": 10,
+                                "currency": "USD", "date": f"2021-0{month}-10T10:00:00Z"})
+               for month in range(1, 7)]
+        replies = [up.wait_for_reply(rid, 10) for rid in ids]
+        failed = service.waiting.failed_lookups
+    assert all(r is not None and r["type"] == "error" for r in replies), replies
+    warnings = [r for r in caplog.records if "no rate table for" in r.getMessage()]
+    assert failed == 6 and warnings and all(r.levelname == "WARNING" for r in warnings)
+    assert len(warnings) < failed  # the failures came together: one line, with a count
