@@ -308,7 +308,8 @@ class Service:
                     if not self.waiting.has_room(request):
                         replies = self._wait_for_room(replies, started, request)
                         stamp = protocol.timestamp(datetime.datetime.now(_UTC))
-                    self.waiting.add(request, started)
+                    if not self.waiting.add(request, started):  # the grace is over
+                        self.stats.dropped += 1
                     continue
                 replies.append(self.answer(request, table, stamp))
             except ProtocolError as e:

@@ -51,6 +51,7 @@ class Waiters:
         self._idle = Event()
         self._idle.set()
         self.failed_lookups = 0  # lookups that ended in a RateError
+        self.closed = False  # kill() came: nothing more is held
         self._warned_at = float("-inf")
         self._unlogged = 0
 
@@ -74,8 +75,11 @@ class Waiters:
     def full(self) -> bool:
         return self.count >= self.max_requests or len(self.by_lookup) >= self.max_lookups
 
-    def add(self, request, received_at):
-        """Hold ``request`` until its table comes; the caller checked ``has_room``."""
+    def add(self, request, received_at) -> bool:
+        """Hold ``request`` until its table comes; the caller checked ``has_room``. False
+        (not held) once ``kill()`` ended the waiting, at shutdown."""
+        if self.closed:
+            return False
         key = (request.day, request.currency)
         held = self.by_lookup.get(key)
         if held is None:
@@ -86,6 +90,7 @@ class Waiters:
         self._idle.clear()
         if self.full():
             self._room.clear()
+        return True
 
     def wait_for_room(self, request, timeout=None) -> bool:
         """Block until ``request`` can be held; False on timeout."""
@@ -102,6 +107,7 @@ class Waiters:
     def kill(self, timeout=1.0) -> int:
         """Abandon every held request; returns how many were abandoned."""
         abandoned = self.count
+        self.closed = True
         self.group.kill(timeout=timeout)
         self.by_lookup.clear()
         self.count = 0
