@@ -8,10 +8,11 @@ wants the published decimal strings. The file is indexed once, on first use, int
 
 import bisect
 import datetime
-import threading
 import time
 import zipfile
 from decimal import Decimal, InvalidOperation
+
+from gevent import monkey
 
 from ..errors import DateOutOfRange, RateUnavailable
 from .table import FIRST_DAY, RateTable
@@ -33,7 +34,9 @@ class EcbBundle:
 
     def __init__(self, path=None):
         self._path = path
-        self._lock = threading.Lock()
+        # A native lock: load() runs in gevent's threadpool, and a monkey-patched
+        # threading.Lock is gevent's, which a pool thread must not wait on.
+        self._lock = monkey.get_original("_thread", "allocate_lock")()
         self._header = None
         self._rows = None  # {date: str}, the raw CSV rows
         self._days = None  # sorted list of dates with a publication
