@@ -54,6 +54,10 @@ class Connection:
         self._send_lock = gevent.lock.Semaphore()  # one writer on the socket at a time
         self._ending: Any = None  # ("close", Close) or ("violation", Violation) read, not acted on
         self._closing_cause = None  # set once our close frame is sent: nothing may follow it
+        #: called before a close frame answers the peer's (or fails the connection):
+        #: replies queued elsewhere for requests read before it go first (the session's
+        #: writer drains its outbox, within its own bound)
+        self.before_close = None
 
     @classmethod
     def open(cls, url: str, *, timeout_s: float, ca_file: str | None = None,
@@ -186,6 +190,8 @@ class Connection:
             error = ConnectionClosed(cause)
             # echo its code (none: 1000); skipped when it answers our own close frame
             answer = (ws.CLOSE_NORMAL if detail.code == ws.CLOSE_NO_STATUS else detail.code, "")
+        if self.before_close is not None:
+            self.before_close()
         # Bounded as a whole: a peer that stopped reading cannot hold our close frame's
         # write, nor a peer that keeps the TCP connection open hold the reader.
         with gevent.Timeout(self.close_wait_s, False):

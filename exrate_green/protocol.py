@@ -25,7 +25,9 @@ CURRENCY_RE = re.compile(r"[A-Z]{3}")
 MAX_STAKE = Decimal("1e12")
 FIVE_PLACES = Decimal("0.00001")
 MAX_FUTURE = datetime.timedelta(days=1)  # clock skew between us and the upstream
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
+#: hh:mm:60 in a timestamp (an RFC 3339 leap second), read as hh:mm:59
+_LEAP_SECOND = re.compile(r"(?<=^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ])([0-9]{2}:[0-9]{2}):60(?![0-9])")
 #: what a quoted value must not carry raw into a log line
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: orjson reads nesting 1024 deep but writes only 254, and the lenient parser lets through
@@ -131,13 +133,19 @@ def read_currency(value):
 
 
 def read_day(value, today):
-    """The UTC calendar day of an ISO 8601 date or timestamp (naive means UTC)."""
+    """The UTC calendar day of an ISO 8601 / RFC 3339 date or timestamp (naive means UTC).
+
+    RFC 3339 allows a lowercase ``t`` and ``z`` and a leap second (``23:59:60Z``); Python's
+    parser takes neither the ``z`` nor second 60, so a leap second is read as second 59 of
+    the same minute: the same day, which is all a rate lookup needs.
+    """
     if type(value) is not str:
         raise ProtocolError(f"date must be a string, got {_show(value)}")
     try:
         if len(value) > 40:
             raise ValueError
-        moment = datetime.datetime.fromisoformat(value)
+        text = value[:-1] + "Z" if value.endswith("z") else value
+        moment = datetime.datetime.fromisoformat(_LEAP_SECOND.sub(r"\1:59", text, count=1))
         if moment.tzinfo is not None:
             moment = moment.astimezone(_UTC)
         day = moment.date()
@@ -163,8 +171,8 @@ def reply(request, stake_eur, timestamp):
     payload["currency"] = "EUR"
     payload["date"] = timestamp
     try:
-        return orjson.dumps({"type": "message", "id": request.id, "payload": payload},
-                            default=_number_fragment)
+        return _exact(orjson.dumps({"type": "message", "id": request.id, "payload": payload},
+                                   default=_number_fragment))
     except orjson.JSONEncodeError:  # only what the lenient parser or deep nesting lets in
         raise ProtocolError(UNECHOABLE) from None
 
@@ -172,10 +180,18 @@ def reply(request, stake_eur, timestamp):
 def error_reply(request_id, reason):
     message = ERROR_PREFIX + reason
     try:
-        return orjson.dumps({"type": "error", "id": request_id, "message": message})
+        return _exact(orjson.dumps({"type": "error", "id": request_id, "message": message}))
     except orjson.JSONEncodeError:  # a reason quoting a lone surrogate from the request
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        return orjson.dumps({"type": "error", "id": request_id, "message": message})
+        return _exact(orjson.dumps({"type": "error", "id": request_id, "message": message}))
+
+
+def _exact(data):
+    """``data`` in a bytes object of its own size. orjson's output keeps the 4 KiB buffer
+    it was written into: a reply held for a while (queued for the writer, kept until the
+    peer acknowledges it, kept for the next connection) would cost 4 KiB, not 200 bytes,
+    and tens of thousands of them are in flight in a burst."""
+    return bytes(memoryview(data))
 
 
 def timestamp(moment):

@@ -1,56 +1,77 @@
-"""The supervisor: one connection at a time, its greenlets, reconnects and shutdown.
+"""The supervisor: one connection at a time, reconnects, shutdown, and the requests.
 
 ``Service`` lives as long as the process and owns what outlives a connection: the rate
-book, the in-flight conversions waiting for a rate, replies a dropped connection could
-not take, counters. ``Session`` lives as long as one connection and owns its three
-greenlets (``receive_loop``, ``heartbeat``, ``heartbeat_timeout_checker``) in one
-``Group``, killed when the connection ends.
+book, the requests waiting for a rate table (``waiters.Waiters``, grouped by day), the
+replies a dead connection could not deliver (kept for the next one, in time order), the
+counters. ``session.Session`` lives as long as one connection and owns its greenlets.
 """
 
 import bisect
 import collections
 import datetime
 import logging
-import os
 import random
 import time
 
 import gevent
-from gevent import monkey
-from gevent.event import AsyncResult, Event
-from gevent.pool import Group, Pool
+from gevent.event import Event
+from gevent.pool import Group
 
-from . import protocol
+from . import memory, protocol
 from .connection import Connection
 from .errors import ConnectionClosed, ProtocolError, RateError
+from .session import Session
+from .stall import Progress, start_stall_watchdog
+from .waiters import Waiters
 
 log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 _MAX_SAMPLES = 20_000  # latency samples kept per summary interval (sorted in ~3 ms)
 #: upper bounds (seconds) of the reply latency histogram's buckets; one more counts the rest
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                      5.0, 10.0)
+#: distinct (day, currency) lookups waited for at once (each is one greenlet; those of
+#: one day share one fetch in the rate book)
+MAX_LOOKUPS_IN_FLIGHT = 256
+#: seconds of the shutdown grace kept for the close frame and its answer (at most)
+CLOSE_RESERVE_S = 1.0
+#: the longest the close frame and its answer may take (within the grace)
+CLOSE_WAIT_S = 1.0
+
+__all__ = ["Service", "Stats", "backoff_delay_s", "percentile", "start_stall_watchdog"]
 
 
 class Stats:
-    """Counters since start, and latency samples (seconds) since the last summary."""
+    """Counters since start (plain ints), and latency samples (seconds) since the last
+    summary.
+
+    A reply is counted once in ``replies`` when the kernel first takes it, then once in
+    ``delivered`` when the peer's TCP acknowledges its bytes, or else (the connection
+    died first) it is sent again on the next connection (``redelivered``, each time), or
+    ``dropped`` (never written: no connection in time, shutdown), or ``possibly_lost``
+    (written, never acknowledged, and not sent again: shutdown, or too old to resend).
+    """
 
     def __init__(self):
         self.requests = self.replies = self.errors = self.skipped = 0
-        self.connects = self.reconnects = self.redelivered = self.dropped = 0
+        self.delivered = self.redelivered = self.dropped = self.possibly_lost = 0
+        self.connects = self.reconnects = 0
         self.connect_attempts = self.connect_failures = 0
         self.heartbeats_sent = self.heartbeats_received = 0
-        self.errors_by_kind = collections.Counter()  # error replies by ``ExrateError.kind``
-        self.latencies_s = []
-        self._recorded = 0  # replies recorded since the last summary
+        #: error replies by ``ExrateError.kind``
+        self.errors_by_kind: collections.Counter[str] = collections.Counter()
         # Since start, for the metrics' histogram: replies per LATENCY_BUCKETS_S bucket
         # (not cumulative: the scrape adds them up) and the sum of their latencies.
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum_s = 0.0
+        self.backpressure_waits = 0  # times the reader stopped for room
+        self.latencies_s = []
+        self._recorded = 0  # replies recorded since the last summary
 
     def error(self, kind):
-        """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g. ``"invalid_request"``)."""
+        """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g.
+        ``"invalid_request"``)."""
         self.errors += 1
         self.errors_by_kind[kind] += 1
 
@@ -106,16 +127,23 @@ class Service:
         self.book = book
         self.clock = clock
         self.stats = Stats()
+        self.progress = Progress(clock)
         self.session = None
         self.stopping = False
+        self.stop_deadline = None  # clock() by which a shutdown must be done
         self.stopped = Event()
         self._wake = Event()  # cuts a backoff sleep short on stop()
-        self.waiting = Pool(settings.max_in_flight)  # conversions waiting for a rate table
-        self.undelivered = collections.deque()  # (when, reply bytes) caught by a drop
+        self._between_sessions = Event()
+        self._between_sessions.set()
+        self._connecting = None  # the greenlet opening a connection, killed by stop()
+        self.waiting = Waiters(book, self._answer_waiting, max_requests=settings.max_in_flight,
+                               max_lookups=MAX_LOOKUPS_IN_FLIGHT)
+        #: (kept at, reply, written before) of replies no connection delivered, oldest first
+        self.undelivered: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self.jobs = Group()  # service-lifetime background jobs
         self.show_messages = settings.show_messages
-        self.progress = {}  # job name -> clock() of its last turn, for the stall watchdog
         self.last_disconnect = None  # why the last connection (or connect) ended, for /healthz
+        self._last_summary_at = clock()
 
     # -- the supervisor ------------------------------------------------------------------
 
@@ -123,7 +151,7 @@ class Service:
         """Connect, serve, reconnect until ``stop()``; returns the process exit code."""
         self.jobs.spawn(self.summary)
         start_stall_watchdog(self, self.settings.stall_exit_s)
-        failures = 0
+        failures, ended = 0, None
         try:
             while not self.stopping:
                 delay_s = backoff_delay_s(failures, self.settings.reconnect_max_delay_s)
@@ -134,79 +162,159 @@ class Service:
                         break
                 self.stats.connect_attempts += 1
                 try:
-                    conn = Connection.open(
-                        self.settings.url, timeout_s=self.settings.http_connect_timeout_s + 3,
-                        ca_file=self.settings.ca_file,
-                        max_frame_bytes=self.settings.max_frame_bytes)
+                    conn = self._connect(ended)
                 except ConnectionClosed as e:
                     failures += 1
                     self.stats.connect_failures += 1
                     self.last_disconnect = f"connect failed: {e.cause}"
                     log.warning("connect failed (%d in a row): %s", failures, e.cause)
                     continue
-                failures = self._serve(conn, failures)
-            self.stopped.wait(self.settings.shutdown_grace_s + 5)
+                finally:
+                    ended = None
+                if conn is None:  # stop() came while connecting
+                    break
+                failures, ended = self._serve(conn, failures)
+            self._collect(ended)
+            self.stopped.wait(self.settings.shutdown_grace_s + 1)
             return 0
         finally:
             self.jobs.kill(timeout=1)
 
+    def _connect(self, ended):
+        """A new connection; meanwhile the last one (``ended``, a greenlet settling its
+        socket) hands over the replies it could not deliver, to be sent first."""
+        settings = self.settings
+
+        def open_or_fail():
+            try:
+                return Connection.open(
+                    settings.url, timeout_s=settings.http_connect_timeout_s + 3,
+                    ca_file=settings.ca_file, max_frame_bytes=settings.max_frame_bytes)
+            except ConnectionClosed as e:
+                return e
+
+        self._connecting = gevent.spawn(open_or_fail)
+        try:
+            self._collect(ended)
+            conn = self._connecting.get()
+            if isinstance(conn, ConnectionClosed):
+                raise conn
+            return None if isinstance(conn, gevent.GreenletExit) else conn
+        finally:
+            self._connecting = None
+
     def _serve(self, conn, failures):
+        """Serve ``conn`` until it ends; returns (failures so far, the greenlet settling
+        its socket, whose value is the replies to send again)."""
         if self.stopping:  # stop() came while we were connecting
-            conn.close(1000, "shutting down")
-            return failures
+            conn.abort()
+            return failures, None
         self.stats.connects += 1
         log.info("connected to %s (connection %d)", self.settings.url, self.stats.connects)
-        session = self.session = Session(self, conn)
+        carried = self._carried()
+        if carried:
+            log.info("sending %d reply(ies) kept from earlier connections first", len(carried))
+        session = self.session = Session(self, conn, carried)
+        self._between_sessions.clear()
         try:
             cause = session.run()
         finally:
             self.session = None
+            ended = gevent.spawn(session.settle)
         self.last_disconnect = cause
         if self.stopping:
             log.info("disconnected: %s", cause)
-            return failures
+            return failures, ended
         self.stats.reconnects += 1
         log.warning("disconnected: %s; reconnecting", cause)
         if conn.violation is not None:  # the upstream broke RFC 6455: retry at once, no growth
-            return 0 if session.heartbeats_received else min(failures, 1)
-        return 0 if session.heartbeats_received else failures + 1
+            return (0 if session.heartbeats_received else min(failures, 1)), ended
+        return (0 if session.heartbeats_received else failures + 1), ended
+
+    def _collect(self, ended):
+        """Keep the replies an ended connection could not deliver (see ``_connect``)."""
+        if ended is not None:
+            ended_at, leftovers = ended.get()
+            unacked = sum(1 for _, written in leftovers if written)
+            if unacked:
+                log.warning("%d written reply(ies) not acknowledged by the peer: kept for "
+                            "the next connection", unacked)
+            # Older than anything kept since the connection ended: they go first, so the
+            # queue stays in time order (and expiry takes the oldest from the front).
+            self.undelivered.extendleft(
+                (ended_at, reply, written) for reply, written in reversed(leftovers))
+        self._between_sessions.set()
+
+    def _carried(self):
+        """Replies kept for this connection, oldest first; those too old are dropped."""
+        self._expire()
+        carried = [(reply, written) for _, reply, written in self.undelivered]
+        self.undelivered.clear()
+        return carried
 
     def stop(self):
-        """Graceful stop: no more reading; in-flight conversions get ``shutdown_grace_s``
-        seconds to finish and send their replies; then a close frame. Idempotent."""
+        """Graceful stop within ``shutdown_grace_s``, whatever the peer does: no more
+        reading; waiting conversions finish and their replies are written (every write
+        with a deadline inside the grace); then one close frame and its answer, within
+        the last ``CLOSE_RESERVE_S`` of the grace. What could not be written is counted
+        (``dropped``), what was written and never acknowledged too (``possibly_lost``).
+        Idempotent."""
         if self.stopping:
             return
         self.stopping = True
         self._wake.set()
         grace_s = self.settings.shutdown_grace_s
+        self.stop_deadline = deadline = self.clock() + grace_s
+        close_at = deadline - min(CLOSE_RESERVE_S, grace_s / 4)
         log.info("stopping: %d conversion(s) in flight, grace %.1f s", len(self.waiting), grace_s)
         try:
+            if self._connecting is not None:
+                self._connecting.kill(block=False)
             session = self.session
             if session is not None:
+                session.sock.deadline_at = deadline
                 session.stop_reading()
-            if not self.waiting.join(timeout=grace_s):
-                lost = len(self.waiting)
-                self.waiting.kill(timeout=1)
-                self.stats.dropped += lost
-                log.warning("grace period over: %d conversion(s) abandoned", lost)
+            self._finish_conversions(close_at)
             session = self.session
             if session is not None:
-                self.redeliver(session)
-                session.close()
-            if self.undelivered:
-                self.stats.dropped += len(self.undelivered)
-                log.warning("%d reply(ies) dropped: no connection at shutdown", len(self.undelivered))
-                self.undelivered.clear()
+                if not session.drain(max(close_at - self.clock(), 0)):
+                    log.warning("grace period over with %d reply(ies) not written",
+                                len(session.outbox))
+                session.close(min(max(deadline - self.clock(), 0.01), CLOSE_WAIT_S))
+            self._between_sessions.wait(max(deadline - self.clock(), 0) + 0.5)
+            self._account_undelivered()
         finally:
             self.stopped.set()
+
+    def _finish_conversions(self, until):
+        if not self.waiting.join(timeout=max(until - self.clock(), 0)):
+            lost = self.waiting.kill(timeout=0.2)
+            self.stats.dropped += lost
+            log.warning("grace period over: %d conversion(s) abandoned", lost)
+
+    def _account_undelivered(self):
+        entries = list(self.undelivered)
+        self.undelivered.clear()
+        if self.session is not None:  # still serving past the grace (should not happen)
+            entries += [(0, reply, written) for reply, written in self.session.outbox]
+        written = sum(1 for _, _, was_written in entries if was_written)
+        if len(entries) - written:
+            self.stats.dropped += len(entries) - written
+            log.warning("%d reply(ies) dropped: not written by the end of the grace period",
+                        len(entries) - written)
+        if written:
+            self.stats.possibly_lost += written
+            log.warning("%d reply(ies) possibly lost: written, never acknowledged by the peer",
+                        written)
 
     # -- serving requests (the hot path runs inside the receive loop) --------------------
 
     def handle(self, events, session):
-        """Answer a batch of incoming frames; requests with a hot rate are answered inline."""
+        """Answer a batch of incoming frames; requests with a hot rate are answered inline,
+        the others wait for their day's table (``self.waiting``)."""
         now = datetime.datetime.now(_UTC)
         today, stamp, started = now.date(), protocol.timestamp(now), self.clock()
-        replies = []
+        replies: list[bytes] = []
         for kind, data in events:
             if kind != "text":
                 self._refuse_frame(kind, data, today, replies)
@@ -221,9 +329,11 @@ class Service:
                 self.stats.requests += 1
                 table = self.book.peek(request.day, request.currency)
                 if table is None:
-                    if self.waiting.full():
-                        replies = self._wait_for_room(replies, started, session)
-                    self.waiting.spawn(self.convert_later, request, started)
+                    if not self.waiting.has_room(request):
+                        replies = self._wait_for_room(replies, started, request)
+                        stamp = protocol.timestamp(datetime.datetime.now(_UTC))
+                    if not self.waiting.add(request, started):  # the grace is over
+                        self.stats.dropped += 1
                     continue
                 replies.append(self.answer(request, table, stamp))
             except ProtocolError as e:
@@ -239,19 +349,16 @@ class Service:
         if replies:
             self._flush(replies, started)
 
-    def _wait_for_room(self, replies, started, session):
-        """Back-pressure: the reader stops until a waiting conversion finishes. Replies
-        already made are sent first, and the watchdog does not count the pause as
-        upstream silence (its heartbeats wait unread in our socket): silence counts again
-        from when reading resumes."""
+    def _wait_for_room(self, replies, started, request):
+        """Back-pressure: the reader stops until ``request`` can be held. Replies
+        already made are sent first. The reader is busy, not free: this time is never
+        upstream silence, and never a stall (each fetch waited on has its own deadline)."""
         if replies:
             replies = self._flush(replies, started)
-        session.reading = False
-        try:
-            self.waiting.wait_available()
-        finally:
-            session.reading = True
-            session.last_heartbeat_at = max(session.last_heartbeat_at, self.clock())
+        self.stats.backpressure_waits += 1
+        self.progress.reader_waiting = True
+        self.waiting.wait_for_room(request)
+        self.progress.reader_turned()
         return replies
 
     def _flush(self, replies, started):
@@ -264,74 +371,63 @@ class Service:
         try:
             stake_eur = protocol.convert(request.stake, table.rate(request.currency))
             return protocol.reply(request, stake_eur, stamp)
-        except (RateError, ProtocolError) as e:
+        except ProtocolError as e:
             self.stats.error(e.kind)
-            return protocol.error_reply(request.id, getattr(e, "reason", None) or str(e))
-
-    def convert_later(self, request, received_at):
-        """A request whose table is not in memory: wait for it, off the receive loop."""
-        try:
-            table = self.book.get(request.day, request.currency)
-            reply = self.answer(request, table, protocol.timestamp(datetime.datetime.now(_UTC)))
+            return protocol.error_reply(request.id, e.reason)
         except RateError as e:
             self.stats.error(e.kind)
-            reply = protocol.error_reply(request.id, str(e))
-        except Exception:  # a bug must still leave the request answered
-            log.exception("converting request %r failed", request.id)
-            self.stats.error("internal")
-            reply = protocol.error_reply(request.id, "internal error")
-        self.deliver([reply])
-        self.stats.record(self.clock() - received_at)
+            return protocol.error_reply(request.id, str(e))
+
+    def _answer_waiting(self, held, outcome):
+        """The replies to requests that waited for a day's table (``outcome``: the table
+        or the ``RateError``); never yields."""
+        stamp = protocol.timestamp(datetime.datetime.now(_UTC))
+        replies = []
+        for request, _ in held:
+            try:
+                if isinstance(outcome, RateError):
+                    self.stats.error(outcome.kind)
+                    replies.append(protocol.error_reply(request.id, str(outcome)))
+                else:
+                    replies.append(self.answer(request, outcome, stamp))
+            except Exception:  # a bug must still leave the request answered
+                log.exception("converting request %r failed", request.id)
+                self.stats.error("internal")
+                replies.append(protocol.error_reply(request.id, "internal error"))
+        self.deliver(replies)
+        now = self.clock()
+        for _, received_at in held:
+            self.stats.record(now - received_at)
 
     def deliver(self, replies):
-        """Send replies on the current connection, or keep them for the next one."""
+        """Queue replies on the current connection, or keep them for the next one."""
         session = self.session
-        if session is not None and not session.conn.closed:
-            try:
-                session.conn.send(replies)
-                self._sent(replies)
-                return
-            except ConnectionClosed as e:
-                session.end(e.cause)
-            except BaseException:  # killed mid-send (shutdown): keep them, then go
-                self._keep(replies)
-                raise
-        self._keep(replies)
+        if session is not None:
+            session.post(replies)
+        else:
+            now = self.clock()
+            self.undelivered.extend((now, reply, False) for reply in replies)
 
-    def redeliver(self, session):
-        """Send replies a dropped connection could not take; drop those too old."""
-        if not self.undelivered:
-            return
+    def show_sent(self, replies):
+        for reply in replies:
+            messages_log.info("send %s", reply.decode())
+
+    def _expire(self):
+        """Drop kept replies older than the redelivery window (oldest are first)."""
         oldest_allowed = self.clock() - self.settings.redelivery_window_s
-        kept = [(when, reply) for when, reply in self.undelivered if when >= oldest_allowed]
-        self._drop(len(self.undelivered) - len(kept))
-        self.undelivered.clear()
-        if not kept:
-            return
-        try:
-            session.conn.send([reply for _, reply in kept])
-        except BaseException:
-            self.undelivered.extend(kept)
-            raise
-        self.stats.redelivered += len(kept)
-        self._sent([reply for _, reply in kept])
-        log.info("redelivered %d reply(ies) kept from the last connection", len(kept))
-
-    def _keep(self, replies):
-        now = self.clock()
-        self.undelivered.extend((now, reply) for reply in replies)
-
-    def _sent(self, replies):
-        self.stats.replies += len(replies)
-        if self.show_messages:
-            for reply in replies:
-                messages_log.info("send %s", reply.decode())
-
-    def _drop(self, count):
-        if count:
-            self.stats.dropped += count
-            log.warning("dropped %d reply(ies): no connection within %.0f s",
-                        count, self.settings.redelivery_window_s)
+        kept, dropped, lost = self.undelivered, 0, 0
+        while kept and kept[0][0] < oldest_allowed:
+            _, _, written = kept.popleft()
+            if written:
+                lost += 1
+            else:
+                dropped += 1
+        if dropped or lost:
+            self.stats.dropped += dropped
+            self.stats.possibly_lost += lost
+            log.warning("%d reply(ies) dropped and %d written but unacknowledged given up: "
+                        "no connection within %.0f s",
+                        dropped, lost, self.settings.redelivery_window_s)
 
     def _refuse_frame(self, kind, data, today, replies):
         """Binary and oversize frames are never served; a binary one with an id is answered."""
@@ -358,165 +454,38 @@ class Service:
     # -- background jobs -----------------------------------------------------------------
 
     def summary(self):
-        """Every ``summary_interval_s``: one line of counters and latency percentiles."""
+        """Every ``summary_interval_s``: one line of counters and latency percentiles; kept
+        replies past the redelivery window are dropped on the way."""
+        trimmed_at = -1
         while True:
-            gevent.sleep(self.settings.summary_interval_s)
-            if not self.session and self.undelivered:
-                oldest_allowed = self.clock() - self.settings.redelivery_window_s
-                expired = sum(1 for when, _ in self.undelivered if when < oldest_allowed)
-                for _ in range(expired):
-                    self.undelivered.popleft()
-                self._drop(expired)
-            log.info("summary: %s", self.summary_line())
+            gevent.sleep(min(self.settings.summary_interval_s, 1.0))
+            if self.session is None:
+                self._expire()
+            if self.stats.requests != trimmed_at:  # traffic flowed: give freed memory back
+                trimmed_at = self.stats.requests
+                memory.trim()
+            if self.clock() - self._last_summary_at >= self.settings.summary_interval_s:
+                log.info("summary: %s", self.summary_line())
 
     def summary_line(self):
+        self._last_summary_at = self.clock()
         s, samples = self.stats, self.stats.take_latencies()
         cache = getattr(self.book.cache, "hits", 0), getattr(self.book.cache, "misses", 0)
-        return (f"requests={s.requests} replies={s.replies} errors={s.errors} "
-                f"skipped={s.skipped} p50_ms={_ms(percentile(samples, 0.5))} "
-                f"p99_ms={_ms(percentile(samples, 0.99))} connect_attempts={s.connect_attempts} "
-                f"connect_failures={s.connect_failures} connects={s.connects} "
-                f"reconnects={s.reconnects} redelivered={s.redelivered} dropped={s.dropped} "
-                f"in_flight={len(self.waiting)} memory_hits={self.book.memory_hits} "
-                f"cache_hits={cache[0]} cache_misses={cache[1]} rate_api_calls={self.book.api_calls}")
+        session = self.session
+        return (f"requests={s.requests} replies={s.replies} delivered={s.delivered} "
+                f"errors={s.errors} skipped={s.skipped} "
+                f"p50_ms={_ms(percentile(samples, 0.5))} p99_ms={_ms(percentile(samples, 0.99))} "
+                f"connect_attempts={s.connect_attempts} connect_failures={s.connect_failures} "
+                f"connects={s.connects} reconnects={s.reconnects} "
+                f"redelivered={s.redelivered} dropped={s.dropped} "
+                f"possibly_lost={s.possibly_lost} in_flight={len(self.waiting)} "
+                f"outbox={len(session.outbox) if session else 0} kept={len(self.undelivered)} "
+                f"memory_hits={self.book.memory_hits} cache_hits={cache[0]} "
+                f"cache_misses={cache[1]} rate_api_calls={self.book.api_calls} "
+                f"rate_api_fetches={getattr(self.book, 'fetches', 0)} "
+                f"failed_lookups={self.waiting.failed_lookups}")
 
 
 def _ms(seconds):
     """Seconds as milliseconds for the summary; ``-`` when there is no figure."""
     return "-" if seconds is None else f"{seconds * 1000:.2f}"
-
-
-class Session:
-    """One connection: its reader, heartbeat sender and watchdog, in one ``Group``."""
-
-    def __init__(self, service, conn):
-        self.service = service
-        self.conn = conn
-        self.settings = service.settings
-        self.clock = service.clock
-        self.last_heartbeat_at = self.clock()  # the watchdog counts from the open
-        self.heartbeats_received = 0
-        self.reading = True  # False while back-pressure holds the reader
-        self.greenlets = Group()
-        self.ended = AsyncResult()
-        self.reader = self.watchdog = None
-
-    def run(self):
-        """Serve until the connection ends; returns why it ended."""
-        self.service.progress = {"receive_loop": self.clock(), "heartbeat": self.clock()}
-        try:
-            self.greenlets.spawn(self._job, self.heartbeat)
-            self.watchdog = self.greenlets.spawn(self._job, self.heartbeat_timeout_checker)
-            self.reader = self.greenlets.spawn(self._job, self.receive_loop)
-            return self.ended.get()
-        finally:
-            self.service.progress = {}
-            self.conn.abort()
-            self.greenlets.kill(timeout=1)
-
-    def end(self, cause):
-        """End the session: abort the socket now, so no reply is written to a connection
-        being abandoned (it is kept for the next one instead)."""
-        self.conn.abort()
-        if not self.ended.ready():
-            self.ended.set(cause)
-
-    def stop_reading(self):
-        """For shutdown: no more requests are read; heartbeats keep the link alive."""
-        self.service.progress.pop("receive_loop", None)
-        for greenlet in (self.reader, self.watchdog):
-            if greenlet is not None:
-                greenlet.kill(timeout=1)
-
-    def close(self):
-        """Send a close frame (1000), wait briefly for the answer, end the session."""
-        self.greenlets.kill(timeout=1)  # nothing may follow our close frame, heartbeats included
-        self.conn.close(1000, "shutting down")
-        self.end("closed by us: shutting down")
-
-    def _job(self, loop):
-        try:
-            loop()
-        except ConnectionClosed as e:
-            self.end(e.cause)
-        except gevent.GreenletExit:
-            raise
-        except Exception:
-            log.exception("%s failed", loop.__name__)
-            self.end(f"internal error in {loop.__name__}")
-
-    def receive_loop(self):
-        self.service.redeliver(self)
-        progress = self.service.progress
-        while True:
-            progress["receive_loop"] = self.clock()
-            events = self.conn.receive()
-            self.service.handle(events, self)
-            # Under load recv never blocks: let heartbeats and timers run. Not sleep(0):
-            # gevent runs sleep(0) callbacks back to back and looks at its timers only
-            # every 50 of them, so with big batches a heartbeat could wait a second.
-            gevent.idle()
-
-    def heartbeat(self):
-        """Send a heartbeat at once, then every ``heartbeat_interval_s``, without drift."""
-        interval_s = self.settings.heartbeat_interval_s
-        due = self.clock()
-        while True:
-            self.service.progress["heartbeat"] = self.clock()
-            self.conn.send([protocol.HEARTBEAT])
-            self.service.stats.heartbeats_sent += 1
-            due += interval_s
-            delay_s = due - self.clock()
-            if delay_s < 0:  # we fell behind (a stalled hub): restart the schedule, no burst
-                due, delay_s = self.clock(), 0
-            gevent.sleep(delay_s)
-
-    def heartbeat_timeout_checker(self):
-        """End the connection once no heartbeat has come for over ``heartbeat_timeout_s``."""
-        timeout_s = self.settings.heartbeat_timeout_s
-        while True:
-            silent_s = self.clock() - self.last_heartbeat_at
-            if silent_s > timeout_s and self.reading:
-                raise ConnectionClosed(f"no heartbeat from upstream for {silent_s:.2f} s")
-            gevent.sleep(max(timeout_s - silent_s, 0.05) + 0.005)
-
-    def on_heartbeat(self):
-        self.last_heartbeat_at = self.clock()
-        self.heartbeats_received += 1
-        self.service.stats.heartbeats_received += 1
-
-
-def start_stall_watchdog(service, stall_exit_s, check_every_s=1.0):
-    """A native thread that ends the process if a connection's reader or heartbeat sender
-    makes no progress for ``stall_exit_s`` seconds (a wedged greenlet or a blocked hub),
-    so the platform restarts us. The reader turns at least once per upstream heartbeat.
-    A ticker greenlet (one of ``service.jobs``) shows the hub turning between connections
-    too, while the supervisor reconnects: a hub blocked then is caught as well.
-
-    It must be a real OS thread: a greenlet would be stuck with the hub it watches. It
-    writes straight to the file descriptors: logging's locks are gevent's.
-    """
-    sleep = monkey.get_original("time", "sleep")
-    start_new_thread = monkey.get_original("_thread", "start_new_thread")
-    clock = service.clock
-    hub_turned = [clock()]
-
-    def tick():
-        while True:
-            hub_turned[0] = clock()
-            gevent.sleep(min(check_every_s, stall_exit_s / 4))
-
-    service.jobs.spawn(tick)
-
-    def watch():
-        while not service.stopped.is_set():
-            sleep(check_every_s)
-            for job, last in [("hub", hub_turned[0]), *service.progress.items()]:
-                stalled_s = clock() - last
-                if stalled_s > stall_exit_s and not service.stopping:
-                    line = (f"CRITICAL exrate_green.service: {job} made no progress for "
-                            f"{stalled_s:.1f} s; exiting so the platform restarts us\n")
-                    os.write(1, line.encode())
-                    os._exit(3)
-
-    start_new_thread(watch, ())

@@ -11,6 +11,7 @@ API answers after 300 ms, so when SIGTERM comes, conversions are waiting for rat
   the process still exits 0 on time; a second signal exits at once.
 """
 
+import datetime
 import re
 import signal
 import time
@@ -60,8 +61,11 @@ class Running:
 
 
 def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_path):
-    with FakeRateApi(latency_s=0.3) as api, Upstream(heartbeat_interval_s=0.2, request_rate=300,
-                                                     seed=3) as up:
+    # Dates over 10 years: the rate book fetches a month per call, so with 18 months (the
+    # default window) every table is hot within a second and nothing is in flight.
+    with FakeRateApi(latency_s=0.3) as api, Upstream(
+            heartbeat_interval_s=0.2, request_rate=300, seed=3,
+            dates=(datetime.date(2011, 1, 1), datetime.date(2020, 12, 31))) as up:
         service = Running(tmp_path, up, api)
         try:
             assert up.wait_for_connections(1, 15), service.output
@@ -106,7 +110,9 @@ def test_a_conversion_past_the_grace_is_dropped_and_the_exit_is_on_time(tmp_path
             service.kill()
     out = service.output
     assert code == 0, out[-3000:]
-    assert 1.0 <= exit_s < 4.0, exit_s
+    # conversions get the grace minus the close frame's reserve (a quarter of 1 s here);
+    # the exit comes within the grace plus the documented margin
+    assert 0.75 <= exit_s < 1.0 + 1.0 + 0.6, exit_s
     assert "grace period over: 1 conversion(s) abandoned" in out, out[-3000:]
     requests, replies, redelivered, dropped = map(int, SUMMARY.findall(out)[-1])
     assert (requests, dropped) == (1, 1)

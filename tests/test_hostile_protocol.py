@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exrate_green import protocol
-from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
 from exrate_green.errors import ProtocolError
+from exrate_green.runtime import Runtime
 from exrate_green.service import Service
 
 TODAY = datetime.date(2026, 11, 24)
@@ -272,7 +272,7 @@ def test_service_handle_answers_each_message_with_an_id_exactly_once(service, ba
     frames = [("text", encode(message)) for message in batch]
     service.handle(frames, _Session())
     assert service.waiting.join(timeout=5)
-    got = [orjson.loads(reply) for _, reply in service.undelivered]
+    got = [orjson.loads(reply) for _, reply, _ in service.undelivered]
     service.undelivered.clear()
     expected = [readable_id(m) for m in batch if readable_id(m) is not None]
     assert sorted(map(repr, (g["id"] for g in got))) == sorted(map(repr, expected))
@@ -287,7 +287,7 @@ def test_service_handle_survives_binary_and_oversize_events(service):
     service.handle([("binary", request), ("binary", b"\xff\x00"), ("oversize", 3 << 20),
                     ("text", b"\xff\xfe"), ("text", request)], _Session())
     assert service.waiting.join(timeout=5)
-    got = [orjson.loads(reply) for _, reply in service.undelivered]
+    got = [orjson.loads(reply) for _, reply, _ in service.undelivered]
     service.undelivered.clear()
     assert [(g["id"], g["type"]) for g in got] == [(5, "error"), (5, "message")]
     gevent.sleep(0)

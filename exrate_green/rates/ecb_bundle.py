@@ -8,10 +8,11 @@ wants the published decimal strings. The file is indexed once, on first use, int
 
 import bisect
 import datetime
-import threading
 import time
 import zipfile
 from decimal import Decimal, InvalidOperation
+
+from gevent import monkey
 
 from ..errors import DateOutOfRange, RateUnavailable
 from .table import FIRST_DAY, RateTable
@@ -33,10 +34,12 @@ class EcbBundle:
 
     def __init__(self, path=None):
         self._path = path
-        self._lock = threading.Lock()
-        self._header = None
-        self._rows = None  # {date: str}, the raw CSV rows
-        self._days = None  # sorted list of dates with a publication
+        # A native lock: load() runs in gevent's threadpool, and a monkey-patched
+        # threading.Lock is gevent's, which a pool thread must not wait on.
+        self._lock = monkey.get_original("_thread", "allocate_lock")()
+        self._header: list[str] = []
+        self._rows: dict[datetime.date, str] | None = None  # the raw CSV rows; None: not loaded
+        self._days: list[datetime.date] = []  # sorted dates with a publication (once loaded)
 
     def load(self):
         with self._lock:
@@ -83,6 +86,7 @@ class EcbBundle:
             raise DateOutOfRange(
                 f"the bundled ECB history ends on {self._days[-1].isoformat()}")
         published = self._days[bisect.bisect_right(self._days, day) - 1]
+        assert self._rows is not None  # loaded above
         return RateTable(provider=self.name, day=day, published=published,
                          rates=self._parse(self._rows[published]), fetched_at=time.time())
 

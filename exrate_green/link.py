@@ -1,0 +1,288 @@
+"""The socket under one connection, measured: silence, write progress, unacknowledged bytes.
+
+``MeteredSocket`` wraps the connected socket (the ``Connection`` keeps calling ``recv``,
+``sendall``, ``shutdown`` and ``close`` on it, unchanged) and measures three things:
+
+* how long the reader has been *parked*: blocked in ``recv`` on an empty socket. Only
+  that time can be the upstream's silence; time spent elsewhere (handling a backlog,
+  blocked on a write, waiting for room) is our own congestion.
+* write progress: ``sendall`` is a loop of ``send`` calls, each allowed to wait at most
+  ``send_timeout_s`` for room in the kernel (and never past ``deadline_at`` once a
+  shutdown sets one). A write that makes no progress for that long fails with
+  ``TimeoutError`` (an ``OSError``: the connection turns it into ``ConnectionClosed``).
+  Every byte handed to the kernel is counted: ``bytes_sent`` is the offset of the stream.
+* the kernel's send queue (Linux ``SIOCOUTQ``: bytes unsent or not yet acknowledged by
+  the peer), read after each write and once more just before the socket is closed, so the
+  replies the peer's TCP never acknowledged can be sent again on the next connection.
+  So ``close()`` only marks the socket dying (``shutdown()`` is done at once: the peer
+  sees the end): whoever owns it calls ``settle_and_close()`` (the session does,
+  always), which reads the queue and closes.
+
+``SendLog`` is the bounded record that maps those bytes back to replies.
+"""
+
+import collections
+import fcntl
+import socket
+import struct
+import termios
+import time
+
+import gevent
+
+_OUTQ = termios.TIOCOUTQ  # == SIOCOUTQ on Linux: bytes in the send queue not yet acked
+_INQ = termios.FIONREAD  # == SIOCINQ: bytes received and not yet read
+
+
+def frame_bytes(payload_bytes: int) -> int:
+    """Bytes a masked client text frame carrying ``payload_bytes`` takes on the wire."""
+    if payload_bytes < 126:
+        return payload_bytes + 6
+    if payload_bytes < 65536:
+        return payload_bytes + 8
+    return payload_bytes + 14
+
+
+#: the longest a dying connection waits for the peer to acknowledge bytes in flight
+SETTLE_MAX_S = 0.5
+#: ... and how long the queue must stand still before we stop waiting (delayed ACKs)
+SETTLE_QUIET_S = 0.06
+_TCP_CLOSE = 7  # tcpi_state of a reset or fully closed connection
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+
+
+class MeteredSocket:
+    """A connected (gevent) socket that measures parking, writes and the send queue."""
+
+    def __init__(self, sock, *, send_timeout_s: float, clock=time.monotonic, on_progress=None):
+        self._sock = sock
+        self.send_timeout_s = send_timeout_s
+        self.clock = clock
+        self.on_progress = on_progress  # called after every chunk the kernel accepted
+        self.deadline_at = None  # clock() after which no write may wait (set by shutdown)
+        self.bytes_sent = 0  # stream offset: every byte the kernel accepted so far
+        self.writing = False  # inside sendall: the stream may stand mid-frame
+        self.torn = False  # a write failed part-way: the stream ends mid-frame
+        #: (stream offset, length) of the last sendall begun
+        self.last_write: tuple[int, int] | None = None
+        self.parked_since = None  # clock() when the reader parked in recv, None if not
+        self.parked_s = 0.0  # seconds parked since reset_parked()
+        self.unacked_at_close: int | None = None  # SIOCOUTQ read just before the socket closed
+        self.dying = False  # close() called: the real one is deferred
+        self.fin_sent = False  # shut down (our FIN is queued behind the data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    # -- reading: parked time ---------------------------------------------------------
+
+    def recv(self, *args):
+        return self._parked(self._sock.recv, args)
+
+    def recv_into(self, *args):
+        return self._parked(self._sock.recv_into, args)
+
+    def _parked(self, call, args):
+        # gevent's recv returns at once when bytes are waiting and parks the greenlet only
+        # on an empty socket: time spent in here is time the reader was free to read.
+        self.parked_since = started = self.clock()
+        try:
+            return call(*args)
+        finally:
+            self.parked_s += self.clock() - started
+            self.parked_since = None
+
+    def silent_s(self) -> float:
+        """Seconds parked on an empty socket since the last ``reset_parked()``."""
+        since = self.parked_since
+        return self.parked_s + (self.clock() - since if since is not None else 0.0)
+
+    def reset_parked(self):
+        self.parked_s = 0.0
+        if self.parked_since is not None:
+            self.parked_since = self.clock()
+
+    def unread_bytes(self) -> int:
+        """Bytes the kernel (or TLS) holds that the reader has not taken yet; 0 if unknown."""
+        pending = 0
+        try:
+            pending = self._sock.pending() if hasattr(self._sock, "pending") else 0
+            return pending + _ioctl_int(self._sock.fileno(), _INQ)
+        except (OSError, ValueError):
+            return pending
+
+    # -- writing: a deadline on progress ----------------------------------------------
+
+    def sendall(self, data, flags=0):
+        view = memoryview(data).cast("B")
+        total = len(view)
+        self.last_write = (self.bytes_sent, total)
+        self.writing = True
+        try:
+            while view:
+                sent = self._send_some(view, flags)
+                self.bytes_sent += sent
+                view = view[sent:]
+                if self.on_progress is not None:
+                    self.on_progress()
+        except BaseException:
+            if view and len(view) < total:
+                self.torn = True
+            raise
+        finally:
+            self.writing = False
+
+    def _send_some(self, view, flags):
+        wait_s = self.send_timeout_s
+        if self.deadline_at is not None:
+            wait_s = min(wait_s, self.deadline_at - self.clock())
+        if wait_s <= 0:
+            raise TimeoutError("shutdown deadline reached with the write unfinished")
+        stalled = TimeoutError(f"write made no progress for {wait_s:.1f} s")
+        with gevent.Timeout(wait_s, stalled):
+            return self._sock.send(view, flags)
+
+    def send(self, data, flags=0):
+        sent = self._send_some(memoryview(data).cast("B"), flags)
+        self.bytes_sent += sent
+        return sent
+
+    # -- the kernel's send queue ------------------------------------------------------
+
+    def unacked_bytes(self):
+        """Bytes written and not yet acknowledged by the peer (SIOCOUTQ), None if unknown."""
+        if self.unacked_at_close is not None:
+            return self.unacked_at_close
+        try:
+            return self._unacked_data(self._sock.fileno())
+        except (OSError, ValueError):
+            return None
+
+    def acked_offset(self):
+        """Stream offset up to which the peer's TCP acknowledged our bytes, None if unknown."""
+        unacked = self.unacked_bytes()
+        return None if unacked is None else max(self.bytes_sent - unacked, 0)
+
+    def shutdown(self, how):
+        """Shut both directions down now (the peer sees the connection end: never two
+        live at once), sending our FIN behind the bytes still queued. The socket itself
+        stays open until ``settle_and_close()``: its send queue is still to be read."""
+        if self.fin_sent:
+            return
+        reset = self._tcp_state()[0] == _TCP_CLOSE  # then no FIN is queued
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+            self.fin_sent = not reset
+        except (OSError, ValueError):
+            pass  # already reset or closed: no FIN in the queue
+
+    def close(self):
+        """Deferred to ``settle_and_close()`` (see ``shutdown``)."""
+        self.dying = True
+
+    def settle_and_close(self):
+        """Read the send queue one last time, then really close the socket.
+
+        The peer's acknowledgements of bytes already in flight get a moment to arrive
+        first: the queue is polled until it is empty or has not shrunk for two round trips
+        (at least ``SETTLE_QUIET_S``: a peer may delay its ACK), never longer than
+        ``SETTLE_MAX_S`` nor past ``deadline_at``. A reset connection is read at once:
+        nothing more will be acknowledged. Runs off the supervisor's path (the next
+        connection is being opened meanwhile)."""
+        try:
+            if not self.fin_sent:
+                self.shutdown(socket.SHUT_RDWR)
+            if self.unacked_at_close is None:
+                fd = self._sock.fileno()
+                unacked = self._unacked_data(fd)
+                self.unacked_at_close = self._settle(fd, unacked) if unacked else 0
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                self._sock.close()
+            except (OSError, ValueError):
+                pass
+
+    def _unacked_data(self, fd):
+        """Our data bytes not acknowledged: SIOCOUTQ counts our FIN too, once sent (it
+        takes a sequence number, and is acknowledged after every byte before it)."""
+        queued = _ioctl_int(fd, _OUTQ)
+        return max(queued - 1, 0) if self.fin_sent else queued
+
+    def _settle(self, fd, unacked):
+        state, rtt_s = self._tcp_state()
+        if state == _TCP_CLOSE:
+            return unacked
+        patience_s = min(max(2 * rtt_s, SETTLE_QUIET_S), SETTLE_MAX_S)
+        give_up_at = self.clock() + SETTLE_MAX_S
+        if self.deadline_at is not None:
+            give_up_at = min(give_up_at, self.deadline_at)
+        quiet_since = self.clock()
+        while unacked and self.clock() < give_up_at:
+            gevent.sleep(0.005)
+            now_unacked = self._unacked_data(fd)
+            if now_unacked < unacked:
+                quiet_since = self.clock()
+            elif self.clock() - quiet_since > patience_s:
+                break
+            unacked = now_unacked
+        return unacked
+
+    def _tcp_state(self):
+        """(tcpi_state, smoothed round-trip time in seconds) from TCP_INFO."""
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            return info[0], struct.unpack_from("I", info, 68)[0] / 1e6
+        except (OSError, ValueError, struct.error, AttributeError):
+            return None, 0.0
+
+
+class SendLog:
+    """Replies written on one connection whose bytes the peer has not acknowledged yet.
+
+    Each entry is a reply and the stream offset just past its frame. ``settle(acked)``
+    forgets (and counts) the entries the peer acknowledged; what is left when the
+    connection dies is the unacknowledged tail, to send again. The kernel's send queue
+    bounds it: settled after every write, it holds at most a send buffer's worth.
+    """
+
+    def __init__(self):
+        self._ends: collections.deque = collections.deque()
+        self._replies: collections.deque = collections.deque()
+
+    def __len__(self):
+        return len(self._ends)
+
+    def add(self, offset: int, reply: bytes) -> int:
+        """Record ``reply`` framed at stream ``offset``; returns the offset past it."""
+        end = offset + frame_bytes(len(reply))
+        self._ends.append(end)
+        self._replies.append(reply)
+        return end
+
+    def settle(self, acked) -> int:
+        """Forget the replies wholly acknowledged up to ``acked``; returns how many."""
+        if acked is None:
+            return 0
+        ends, replies, settled = self._ends, self._replies, 0
+        while ends and ends[0] <= acked:
+            ends.popleft()
+            replies.popleft()
+            settled += 1
+        return settled
+
+    def take_last(self) -> bytes:
+        """Forget the newest entry (its write did not reach the kernel)."""
+        self._ends.pop()
+        return self._replies.pop()
+
+    def take(self) -> list:
+        """Every reply still recorded, oldest first; the log is left empty."""
+        replies = list(self._replies)
+        self._ends.clear()
+        self._replies.clear()
+        return replies

@@ -1,0 +1,104 @@
+"""The stall watchdog: a native thread that ends a wedged process so the platform restarts it.
+
+A wedge is a hub or a loop that cannot run: a greenlet that never yields, a native call
+that blocks the hub, a reader stuck inside its own work. Waiting is not a wedge: a reader
+parked on an empty socket, or waiting for room (back-pressure on a slow rate API or a
+slow peer) waits on things that carry their own deadlines (the rate book's wait, the
+write deadline ``send_timeout_s``). So the watchdog judges:
+
+* the hub: a ticker greenlet stamps ``hub_at`` every ``stall_exit_s / 4`` (at most 1 s);
+* while a connection is up, the heartbeat loop: a timer loop that never writes;
+* the reader, only while it is working (not waiting): it stamps ``reader_at`` after each
+  wait and for each batch it starts.
+
+Progress lives in plain attributes of one ``Progress`` object, read by the thread without
+iterating anything the greenlets mutate.
+"""
+
+import os
+import time
+
+import gevent
+from gevent import monkey
+
+#: seconds past the shutdown grace after which the watchdog ends the process anyway
+STOP_MARGIN_S = 2.0
+
+
+def _die(why):
+    line = f"CRITICAL exrate_green.service: {why}; exiting so the platform restarts us\n"
+    os.write(1, line.encode())
+    os._exit(3)
+
+
+class Progress:
+    """Stamps (``clock()`` seconds) of the loops the stall watchdog judges."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.hub_at = clock()
+        self.heartbeat_at = None  # None: no connection, nothing to judge
+        self.reader_at = None
+        self.reader_waiting = True
+
+    def session_started(self):
+        self.heartbeat_at = self.reader_at = self.clock()
+        self.reader_waiting = True
+
+    def session_ended(self):
+        self.heartbeat_at = self.reader_at = None
+        self.reader_waiting = True
+
+    def heartbeat_turned(self):
+        self.heartbeat_at = self.clock()
+
+    def reader_turned(self):
+        self.reader_at = self.clock()
+        self.reader_waiting = False
+
+    def stalled(self, now: float, limit_s: float):
+        """(loop name, seconds) of a loop that made no progress for over ``limit_s``, or
+        None. Reads each attribute once: greenlets may change them meanwhile."""
+        hub_at, beat_at = self.hub_at, self.heartbeat_at
+        reader_at, waiting = self.reader_at, self.reader_waiting
+        if now - hub_at > limit_s:
+            return "hub", now - hub_at
+        if beat_at is not None and now - beat_at > limit_s:
+            return "heartbeat", now - beat_at
+        if reader_at is not None and not waiting and now - reader_at > limit_s:
+            return "receive_loop", now - reader_at
+        return None
+
+
+def start_stall_watchdog(service, stall_exit_s: float, check_every_s: float = 1.0):
+    """A native thread that exits the process with code 3 when ``service.progress`` shows
+    a wedge for over ``stall_exit_s`` seconds, while the service is not stopping.
+
+    It must be a real OS thread: a greenlet would be stuck with the hub it watches. It
+    writes straight to the file descriptor: logging's locks are gevent's.
+    """
+    sleep = monkey.get_original("time", "sleep")
+    start_new_thread = monkey.get_original("_thread", "start_new_thread")
+    progress = service.progress
+
+    def tick():
+        while True:
+            progress.hub_at = progress.clock()
+            gevent.sleep(min(check_every_s, stall_exit_s / 4))
+
+    service.jobs.spawn(tick)
+
+    def watch():
+        while not service.stopped.is_set():
+            sleep(check_every_s)
+            now = progress.clock()
+            if service.stopping:  # a backstop: the shutdown bounds itself well before
+                overdue_s = now - service.stop_deadline - STOP_MARGIN_S
+                if overdue_s > 0 and not service.stopped.is_set():
+                    _die(f"shutdown still running {STOP_MARGIN_S:.0f} s past its grace")
+                continue
+            stall = progress.stalled(now, stall_exit_s)
+            if stall is not None:
+                _die(f"{stall[0]} made no progress for {stall[1]:.1f} s")
+
+    start_new_thread(watch, ())

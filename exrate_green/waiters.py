@@ -1,0 +1,165 @@
+"""Requests waiting for a rate table, grouped by the lookup they wait for.
+
+A request whose table is not in memory is held here as the small parsed object it already
+is: one list per lookup, (day, currency), and ONE greenlet per lookup waiting on
+``book.get(day, currency)``, not a greenlet per request. (The currency is part of the
+lookup because a provider chain may answer one currency of a day from another provider;
+the lookups of one day share one fetch in the rate book.) When the table comes (or its
+error), every request of that lookup is answered in slices, yielding between them so
+heartbeats and the reader keep their turn.
+
+Two bounds make the reader stop (back-pressure) instead of memory growing: requests held
+(``max_requests``, EXRATE_MAX_IN_FLIGHT) and lookups waited for (``max_lookups``: each is a
+greenlet).
+"""
+
+import logging
+import time
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Group
+
+from .errors import RateError
+
+log = logging.getLogger("exrate_green.service")
+
+#: requests answered between two yields to the hub when a day's table arrives
+SLICE = 256
+#: at most one "no rate table" warning per this many seconds (the rest are counted)
+WARN_EVERY_S = 1.0
+
+
+class Waiters:
+    """Requests by lookup, answered by ``answer(requests, table_or_error)`` when it comes.
+
+    ``answer`` gets a list of (request, received_at) and either the table or the
+    ``RateError``; it must not yield. ``on_done`` is called after each slice (progress).
+    """
+
+    def __init__(self, book, answer, *, max_requests: int, max_lookups: int, on_done=None):
+        self.book = book
+        self.answer = answer
+        self.on_done = on_done
+        self.max_requests = max_requests
+        self.max_lookups = max_lookups
+        self.by_lookup: dict = {}  # (day, currency) -> [(request, received_at), ...]
+        self.count = 0  # requests held
+        self.group = Group()
+        self._room = Event()
+        self._room.set()
+        self._idle = Event()
+        self._idle.set()
+        self.failed_lookups = 0  # lookups that ended in a RateError
+        self.closed = False  # kill() came: nothing more is held
+        self._warned_at = float("-inf")
+        self._unlogged = 0
+
+    def __len__(self):
+        return self.count
+
+    def __bool__(self):
+        return self.count > 0
+
+    def lookups(self) -> int:
+        """Lookups (day, currency) being waited for."""
+        return len(self.by_lookup)
+
+    def has_room(self, request) -> bool:
+        """True if ``request`` can be held now."""
+        if self.count >= self.max_requests:
+            return False
+        return (request.day, request.currency) in self.by_lookup or \
+            len(self.by_lookup) < self.max_lookups
+
+    def full(self) -> bool:
+        return self.count >= self.max_requests or len(self.by_lookup) >= self.max_lookups
+
+    def add(self, request, received_at) -> bool:
+        """Hold ``request`` until its table comes; the caller checked ``has_room``. False
+        (not held) once ``kill()`` ended the waiting, at shutdown."""
+        if self.closed:
+            return False
+        key = (request.day, request.currency)
+        held = self.by_lookup.get(key)
+        if held is None:
+            held = self.by_lookup[key] = []
+            self.group.spawn(self._wait_for, key)
+        held.append((request, received_at))
+        self.count += 1
+        self._idle.clear()
+        if self.full():
+            self._room.clear()
+        return True
+
+    def wait_for_room(self, request, timeout=None) -> bool:
+        """Block until ``request`` can be held; False on timeout."""
+        while not self.has_room(request):
+            self._room.clear()
+            if not self._room.wait(timeout):
+                return False
+        return True
+
+    def join(self, timeout=None) -> bool:
+        """Wait until no request is held; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def kill(self, timeout=1.0) -> int:
+        """Abandon every held request; returns how many were abandoned."""
+        abandoned = self.count
+        self.closed = True
+        self.group.kill(timeout=timeout)
+        self.by_lookup.clear()
+        self.count = 0
+        self._changed()
+        return abandoned
+
+    def _wait_for(self, key):
+        day, currency = key
+        try:
+            outcome = self.book.get(day, currency)
+        except RateError as e:
+            outcome = e
+            self._warn(day, currency, e, len(self.by_lookup.get(key, ())))
+        except Exception as e:  # a bug must still leave the requests answered
+            log.exception("waiting for the rate table of %s failed", day)
+            outcome = RateError(f"internal error ({type(e).__name__})")
+        held = self.by_lookup.pop(key, [])
+        done = 0
+        try:
+            while done < len(held):
+                part = held[done:done + SLICE]
+                done += len(part)
+                try:
+                    self.answer(part, outcome)  # never yields
+                finally:
+                    self.count -= len(part)
+                    self._changed()
+                if self.on_done is not None:
+                    self.on_done()
+                if done < len(held):
+                    gevent.idle()
+        finally:
+            if done < len(held):  # killed between slices: the rest is abandoned
+                self.count -= len(held) - done
+                self._changed()
+
+    def _warn(self, day, currency, error, held):
+        """A lookup that finally failed is a WARNING; during an outage, one line a second
+        at most, saying how many more failed since."""
+        self.failed_lookups += 1
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more lookup(s) failed since the last line)" \
+            if self._unlogged else ""
+        self._warned_at, self._unlogged = now, 0
+        log.warning("no rate table for %s (%s): %s; %d request(s) get an error reply%s",
+                    day.isoformat(), currency, error, held, more)
+
+    def _changed(self):
+        if not self.full():
+            self._room.set()
+        if self.count == 0:
+            self._idle.set()
