@@ -1,4 +1,4 @@
-"""The command line as a user runs it: a real subprocess with only DESIGN.md's variables."""
+"""The command line as a user runs it: a real subprocess with only docs/design.md's variables."""
 
 import json
 import signal

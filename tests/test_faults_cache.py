@@ -1,4 +1,4 @@
-"""Cache faults with the service running (DESIGN.md 4: a cache failure is a miss).
+"""Cache faults with the service running (docs/design.md 4: a cache failure is a miss).
 
 ``tests/test_cache.py`` proves the cache layer alone (locked, unwritable, corrupt, pickled
 rows refused unread). Here the whole service runs in this process (Frankfurter provider,

