@@ -2,9 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .config import Settings  # noqa: E402
-from .errors import (  # noqa: E402
-    ConfigError, ExrateError, ProtocolError, RateError, RateUnavailable, UnsupportedCurrency)
+from .config import Settings
+from .errors import (
+    ConfigError,
+    ExrateError,
+    ProtocolError,
+    RateError,
+    RateUnavailable,
+    UnsupportedCurrency,
+)
 
 __all__ = ["Settings", "ConfigError", "ExrateError", "ProtocolError", "RateError",
            "RateUnavailable", "UnsupportedCurrency", "__version__"]

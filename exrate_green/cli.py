@@ -5,7 +5,8 @@ Usage:
   exrate-service demo [--duration=SECONDS] [--rate=RPS] [options]
   exrate-service cache (list | show DAY | stats | clear) [--json] [options]
   exrate-service convert AMOUNT CURRENCY [DATE] [options]
-  exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson] [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
+  exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson]
+                          [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
   exrate-service -h | --help
   exrate-service --version
 
@@ -45,7 +46,13 @@ Options:
   -h --help           Show this help.
   --version           Show the version.
 
-Exit codes: 0 done, 1 failed, 2 bad usage or configuration.
+Exit codes:
+  0       done (a stop by SIGTERM or SIGINT included)
+  1       failed
+  2       bad usage or configuration (one line on stderr says which)
+  3       stalled: the connection's reader or heartbeat made no progress for
+          EXRATE_STALL_EXIT seconds (30), so the platform restarts the process
+  128+N   a second signal N during shutdown: exit at once (130 for Ctrl-C, 143 for SIGTERM)
 """
 
 import datetime
@@ -63,26 +70,38 @@ from .config import Settings
 from .errors import ConfigError, ProtocolError, RateError
 from .redact import RedactingFormatter
 from .runtime import Runtime
+from .usage import HELP_POINTER, usage_problem
 
 log = logging.getLogger("exrate_green")
 
+#: the access key ``demo`` gives its fake exchangerate.host when the user has none
+DEMO_ACCESS_KEY = "demo-access-key"
 
-def main(argv=None):
+
+def main(argv: list[str] | None = None) -> int:
     """The command line; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = docopt(__doc__, argv, version=f"exrate-service {__version__}")
     except DocoptExit as e:
-        print(str(e), file=sys.stderr)
+        print(f"exrate-service: {usage_problem(__doc__, argv, str(e.code))} ({HELP_POINTER})",
+              file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version print, then "exit"
-        return e.code or 0
+        return e.code if isinstance(e.code, int) else 0
+    flags = {
+        "url": args["--url"], "provider": args["--provider"] and args["--provider"].lower(),
+        "cache_dir": args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
+        "log_level": args["--log-level"] and args["--log-level"].upper(),
+        "show_messages": True if args["--show-messages"] else None}
+    if args["demo"] and not os.environ.get("EXCHANGE_ACCESS_KEY"):
+        # The demo's fake rate API takes any key: the demo supplies one, so every provider
+        # runs offline; without a key of the user's, ecb stays the default.
+        flags["access_key"] = DEMO_ACCESS_KEY
+        if not flags["provider"] and not os.environ.get("EXRATE_PROVIDER"):
+            flags["provider"] = "ecb"
     try:
-        settings = Settings.load(
-            url=args["--url"], provider=args["--provider"] and args["--provider"].lower(),
-            cache_dir=args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
-            log_level=args["--log-level"] and args["--log-level"].upper(),
-            show_messages=True if args["--show-messages"] else None)
+        settings = Settings.load(**flags)
     except ConfigError as e:
         print(f"exrate-service: configuration error: {e}", file=sys.stderr)
         return 2
@@ -113,7 +132,7 @@ def main(argv=None):
     return run(settings)
 
 
-def setup_logging(settings):
+def setup_logging(settings: Settings) -> None:
     """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
     from .cache.redis import redis_password  # the Redis password is a secret too
     formatter = RedactingFormatter(
@@ -133,7 +152,7 @@ def setup_logging(settings):
         sys.stdout.reconfigure(line_buffering=True)  # platforms read logs through a pipe
 
 
-def run(settings):
+def run(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT; a second signal exits at once."""
     import gevent
 
@@ -153,17 +172,28 @@ def run(settings):
         gevent.signal_handler(signum, on_signal, signum)
     log.info("exrate-service %s: provider %s, upstream %s, cache %s",
              __version__, settings.provider, settings.url, settings.cache_dir)
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            from .metrics import MetricsServer
+            try:
+                metrics = MetricsServer(service, settings.metrics_port).start()
+            except OSError as e:  # the port is taken, or needs privileges
+                log.error("EXRATE_METRICS_PORT=%d: cannot listen: %s",
+                          settings.metrics_port, e.strerror or e)
+                return 1
         return service.run()
     finally:
+        if metrics is not None:
+            metrics.stop()
         log.info("summary: %s", service.summary_line())
         runtime.close()
         log.info("stopped")
 
 
-def convert(settings, amount, currency, date):
+def convert(settings: Settings, amount: str, currency: str, date: str | None) -> int:
     """Print one conversion computed exactly as the service computes a reply."""
-    today = datetime.datetime.now(datetime.timezone.utc).date()
+    today = datetime.datetime.now(datetime.UTC).date()
     try:
         stake = protocol.read_stake(Decimal(amount))
         code = protocol.read_currency(currency)
@@ -183,6 +213,7 @@ def convert(settings, amount, currency, date):
     finally:
         runtime.close()
     print(f"{stake} {code} = {stake_eur} EUR on {day.isoformat()} "
-          f"(rate {rate} {code}/EUR, {table.provider} publication of {table.published.isoformat()})")
+          f"(rate {rate} {code}/EUR, {table.provider} publication of "
+          f"{table.published.isoformat()})")
     return 0
 

@@ -8,12 +8,16 @@ the entry point and the result is passed down.
 import dataclasses
 import os
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
 PROVIDERS = ("ecb", "frankfurter", "exchangerate.host")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: the spellings logging itself accepts besides LOG_LEVELS
+LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,66 +63,84 @@ class Settings:
     stall_exit_s: float = 30.0
 
     @classmethod
-    def load(cls, environ=None, **flags):
+    def load(cls, environ: Mapping[str, str] | None = None, **flags: Any) -> "Settings":
         """Settings from ``environ`` (default ``os.environ``), then ``flags`` on top.
 
         ``flags`` holds only what the command line set (``None`` means unset). Raises
-        ``ConfigError`` with one line saying what is wrong.
+        ``ConfigError`` with one line saying what is wrong, naming the variable (or the
+        flag) that set the bad value.
         """
         env = os.environ if environ is None else environ
         values = _from_environ(env)
-        values.update({k: v for k, v in flags.items() if v is not None})
+        flags = {k: v for k, v in flags.items() if v is not None}
+        values.update(flags)
         if "provider" not in values:
             values["provider"] = "exchangerate.host" if values.get("access_key") else "ecb"
+        if isinstance(values.get("log_level"), str):
+            level = values["log_level"].upper()
+            values["log_level"] = LOG_LEVEL_ALIASES.get(level, level)
         settings = cls(**values)
-        settings.validate()
+        names = {field: f"--{field.replace('_', '-')}" for field in flags}
+        settings.validate(names)
         return settings
 
-    def validate(self):
-        _check_url("EXRATE_URL", self.url, ("ws", "wss"))
-        _check_url("EXCHANGERATE_HOST_URL", self.exchangerate_host_url, ("http", "https"))
-        _check_url("FRANKFURTER_URL", self.frankfurter_url, ("http", "https"))
-        for name in self.providers:
-            if name not in PROVIDERS:
-                raise ConfigError(f"EXRATE_PROVIDER: unknown provider {name!r}: choose one "
-                                  f"or more of {', '.join(PROVIDERS)}, comma-separated")
+    def validate(self, names: Mapping[str, str] | None = None) -> None:
+        """Raise ``ConfigError`` (one line) for the first invalid setting.
+
+        The message names the setting as the user wrote it: ``names`` maps a field to a
+        command-line flag that set it; other fields go by their environment variable.
+        """
+        def name(field: str) -> str:
+            return (names or {}).get(field) or VARIABLES.get(field, field)
+
+        _check_url(name("url"), self.url, ("ws", "wss"))
+        _check_url(name("exchangerate_host_url"), self.exchangerate_host_url, ("http", "https"))
+        _check_url(name("frankfurter_url"), self.frankfurter_url, ("http", "https"))
+        for provider in self.providers:
+            if provider not in PROVIDERS:
+                raise ConfigError(f"{name('provider')}: unknown provider {provider!r}: choose "
+                                  f"one or more of {', '.join(PROVIDERS)}, comma-separated")
         if len(set(self.providers)) != len(self.providers):
-            raise ConfigError(f"EXRATE_PROVIDER names a provider twice: {self.provider!r}")
+            raise ConfigError(f"{name('provider')} names a provider twice: {self.provider!r}")
         if "exchangerate.host" in self.providers and not self.access_key:
             raise ConfigError("provider exchangerate.host needs EXCHANGE_ACCESS_KEY")
         if not 1 <= self.fetch_concurrency <= 256:
-            raise ConfigError(f"EXRATE_FETCH_CONCURRENCY must be 1-256, "
+            raise ConfigError(f"{name('fetch_concurrency')} must be 1-256, "
                               f"got {self.fetch_concurrency!r}")
-        for name in ("cache_ttl_s", "heartbeat_interval_s", "heartbeat_timeout_s",
-                     "http_timeout_s", "http_connect_timeout_s", "shutdown_grace_s",
-                     "redelivery_window_s", "reconnect_max_delay_s", "summary_interval_s",
-                     "stall_exit_s", "send_timeout_s"):
-            value = getattr(self, name)
+        for field in ("cache_ttl_s", "heartbeat_interval_s", "heartbeat_timeout_s",
+                      "http_timeout_s", "http_connect_timeout_s", "shutdown_grace_s",
+                      "redelivery_window_s", "reconnect_max_delay_s", "summary_interval_s",
+                      "stall_exit_s", "send_timeout_s"):
+            value = getattr(self, field)
             if not value > 0 or value == float("inf"):
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+                raise ConfigError(
+                    f"{name(field)} must be a positive number of seconds, got {value!r}")
         if not 0 <= self.stale_if_error_s < float("inf"):
-            raise ConfigError(f"EXRATE_STALE_IF_ERROR must be 0 or a positive number of "
+            raise ConfigError(f"{name('stale_if_error_s')} must be 0 or a positive number of "
                               f"seconds, got {self.stale_if_error_s!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"EXRATE_METRICS_PORT must be a port number (0-65535), "
+            raise ConfigError(f"{name('metrics_port')} must be a port number (0-65535), "
                               f"got {self.metrics_port!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
-            raise ConfigError("heartbeat timeout must be longer than the heartbeat interval")
-        if self.max_in_flight < 1:
-            raise ConfigError("max_in_flight must be at least 1")
-        if self.log_level not in LOG_LEVELS:
             raise ConfigError(
-                f"unknown log level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+                f"{name('heartbeat_timeout_s')} ({self.heartbeat_timeout_s:g} s) must be longer "
+                f"than {name('heartbeat_interval_s')} ({self.heartbeat_interval_s:g} s)")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"{name('max_in_flight')} must be at least 1, "
+                              f"got {self.max_in_flight!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"{name('log_level')}: unknown log level {self.log_level!r}: "
+                              f"choose one of {', '.join(LOG_LEVELS)}")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
-            raise ConfigError(f"CA file {self.ca_file!r} does not exist")
+            raise ConfigError(f"{name('ca_file')}: CA file {self.ca_file!r} does not exist")
 
     @property
-    def providers(self):
+    def providers(self) -> tuple[str, ...]:
         """The provider chain, in order of preference: ``"exchangerate.host,ecb"`` gives
         ``("exchangerate.host", "ecb")``."""
         return tuple(name.strip() for name in self.provider.split(","))
 
-    def replace(self, **changes):
+    def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
 
@@ -144,15 +166,20 @@ _ENVIRONMENT = (
     ("EXRATE_STALL_EXIT", "stall_exit_s", float),
     ("EXRATE_STALE_IF_ERROR", "stale_if_error_s", float),
     ("REDIS_URL", "redis_url", str),
-    ("EXRATE_REDIS_VERIFY", "redis_verify", lambda v: v.strip().lower() not in ("0", "false", "no")),
+    ("EXRATE_REDIS_VERIFY", "redis_verify",
+     lambda v: v.strip().lower() not in ("0", "false", "no")),
     ("EXRATE_SEND_TIMEOUT", "send_timeout_s", float),
     ("EXRATE_METRICS_PORT", "metrics_port", int),
     ("EXRATE_FETCH_CONCURRENCY", "fetch_concurrency", int),
 )
 
 
-def _from_environ(env):
-    values = {"cache_dir": default_cache_dir(env)}
+#: field -> the environment variable that sets it
+VARIABLES = {field: variable for variable, field, _ in _ENVIRONMENT}
+
+
+def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {"cache_dir": default_cache_dir(env)}
     for variable, field, parse in _ENVIRONMENT:
         raw = env.get(variable)
         if raw is None or raw == "":
@@ -164,13 +191,18 @@ def _from_environ(env):
     return values
 
 
-def default_cache_dir(env):
+def default_cache_dir(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "exrate-green"
 
 
-def _check_url(variable, url, schemes):
-    parts = urllib.parse.urlsplit(url)
+def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
+    """A URL with one of ``schemes``, a host and, if any, a valid port; else ``ConfigError``."""
+    wanted = " or ".join(s + "://" for s in schemes)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  raises ValueError for a port out of range or not a number
+    except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ConfigError(f"{variable} is not a valid URL ({e}): {url!r}") from None
     if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(
-            f"{variable} must be a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}")
+        raise ConfigError(f"{variable} must be a {wanted} URL, got {url!r}")

@@ -11,6 +11,7 @@ the closing handshake; frames are parsed and built in ``ws``.
 
 import socket
 import ssl
+from typing import Any
 
 import gevent
 import gevent.lock
@@ -51,7 +52,7 @@ class Connection:
         self.violation: ws.Violation | None = None  # how the upstream broke RFC 6455, if it did
         self._parser = ws.Parser("client", max_message_bytes=max_frame_bytes)
         self._send_lock = gevent.lock.Semaphore()  # one writer on the socket at a time
-        self._ending = None  # ("close", Close) or ("violation", Violation) read, not acted on
+        self._ending: Any = None  # ("close", Close) or ("violation", Violation) read, not acted on
         self._closing_cause = None  # set once our close frame is sent: nothing may follow it
         #: called before a close frame answers the peer's (or fails the connection):
         #: replies queued elsewhere for requests read before it go first (the session's
@@ -175,6 +176,7 @@ class Connection:
     def _end(self):
         """Finish the closing handshake the last batch started; the error to raise."""
         kind, detail = self._ending
+        error: ConnectionClosed
         if kind == "violation":
             self.violation = detail
             cause = (f"protocol violation by upstream: {detail.reason}; "

@@ -39,6 +39,10 @@ def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
                      f", {duration_s:g} s" if duration_s else ", Ctrl-C to stop")
             runtime = Runtime(demo_settings)
             service = Service(demo_settings, runtime.book)
+            metrics = None
+            if demo_settings.metrics_port is not None:  # as in production: opt-in
+                from .metrics import MetricsServer
+                metrics = MetricsServer(service, demo_settings.metrics_port).start()
             runner = gevent.spawn(service.run)
             try:
                 done.wait(duration_s)
@@ -48,6 +52,8 @@ def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
                 runner.join(timeout=demo_settings.shutdown_grace_s + 5)
             finally:
                 runner.kill(timeout=1)
+                if metrics is not None:
+                    metrics.stop()
                 runtime.close()
             report = upstream.report()
             out(format_summary(report, service, rate_api, demo_settings))

@@ -6,7 +6,13 @@ boundary catches one family and never a library's own exception type.
 
 
 class ExrateError(Exception):
-    """Base of every error exrate-green raises on purpose."""
+    """Base of every error exrate-green raises on purpose.
+
+    ``kind`` names the class of failure for counting (the metrics' error replies by
+    reason class): a short fixed word, never the reason text itself.
+    """
+
+    kind = "error"
 
 
 class ConfigError(ExrateError):
@@ -19,6 +25,8 @@ class ProtocolError(ExrateError):
     ``request_id`` is the message's id when one could be read (the reply goes to it),
     else ``None`` (the message is logged and skipped).
     """
+
+    kind = "invalid_request"
 
     def __init__(self, reason, request_id=None):
         super().__init__(reason)
@@ -34,8 +42,12 @@ class RateError(ExrateError):
     def reason(self):
         return str(self)
 
+    kind = "no_rate"
+
 
 class UnsupportedCurrency(RateError):
+    kind = "unsupported_currency"
+
     def __init__(self, currency):
         super().__init__(f"unsupported currency '{currency}'")
         self.currency = currency
@@ -47,6 +59,8 @@ class DateOutOfRange(RateError):
 
 class RateUnavailable(RateError):
     """The rate service could not answer; never cached, the next request tries again."""
+
+    kind = "rate_unavailable"
 
     def __init__(self, why):
         super().__init__(f"exchange rate service unavailable: {why}")

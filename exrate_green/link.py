@@ -66,10 +66,11 @@ class MeteredSocket:
         self.bytes_sent = 0  # stream offset: every byte the kernel accepted so far
         self.writing = False  # inside sendall: the stream may stand mid-frame
         self.torn = False  # a write failed part-way: the stream ends mid-frame
-        self.last_write = None  # (stream offset, length) of the last sendall begun
+        #: (stream offset, length) of the last sendall begun
+        self.last_write: tuple[int, int] | None = None
         self.parked_since = None  # clock() when the reader parked in recv, None if not
         self.parked_s = 0.0  # seconds parked since reset_parked()
-        self.unacked_at_close = None  # SIOCOUTQ read just before the socket closed
+        self.unacked_at_close: int | None = None  # SIOCOUTQ read just before the socket closed
         self.dying = False  # close() called: the real one is deferred
         self.fin_sent = False  # shut down (our FIN is queued behind the data)
 
@@ -117,7 +118,8 @@ class MeteredSocket:
 
     def sendall(self, data, flags=0):
         view = memoryview(data).cast("B")
-        self.last_write = (self.bytes_sent, len(view))
+        total = len(view)
+        self.last_write = (self.bytes_sent, total)
         self.writing = True
         try:
             while view:
@@ -127,7 +129,7 @@ class MeteredSocket:
                 if self.on_progress is not None:
                     self.on_progress()
         except BaseException:
-            if view and len(view) < self.last_write[1]:
+            if view and len(view) < total:
                 self.torn = True
             raise
         finally:
@@ -249,8 +251,8 @@ class SendLog:
     """
 
     def __init__(self):
-        self._ends = collections.deque()
-        self._replies = collections.deque()
+        self._ends: collections.deque = collections.deque()
+        self._replies: collections.deque = collections.deque()
 
     def __len__(self):
         return len(self._ends)

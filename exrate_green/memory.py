@@ -10,7 +10,7 @@ flows and once more when it stops. Elsewhere than glibc it is a no-op.
 import ctypes
 import ctypes.util
 
-_libc = None
+_libc: ctypes.CDLL | bool | None = None  # False: not available
 
 
 def _load():

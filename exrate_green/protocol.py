@@ -25,7 +25,7 @@ CURRENCY_RE = re.compile(r"[A-Z]{3}")
 MAX_STAKE = Decimal("1e12")
 FIVE_PLACES = Decimal("0.00001")
 MAX_FUTURE = datetime.timedelta(days=1)  # clock skew between us and the upstream
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 #: hh:mm:60 in a timestamp (an RFC 3339 leap second), read as hh:mm:59
 _LEAP_SECOND = re.compile(r"(?<=^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ])([0-9]{2}:[0-9]{2}):60(?![0-9])")
 #: what a quoted value must not carry raw into a log line

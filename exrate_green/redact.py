@@ -9,6 +9,8 @@ it to every formatted log record, including those of library loggers.
 import logging
 import re
 import urllib.parse
+from collections.abc import Iterable
+from typing import Any
 
 MASK = "***"
 
@@ -17,21 +19,32 @@ MASK = "***"
 # where a URL component or the surrounding text ends.
 _ACCESS_KEY_PARAM = re.compile(r"(access_key(?:=|%3D))[^&\s\"'<>#;,)]*", re.IGNORECASE)
 
+#: A secret at least this long is masked wherever it appears; a shorter one could be part of
+#: ordinary words (a key "e" is in "exrate_green"), so it is masked only where it stands
+#: whole as a value: after "=" in a query string or a form, or quoted.
+MIN_ANYWHERE_LEN = 8
+_VALUE_START = r"(?:(?<==)|(?<=%3D)|(?<=%3d)|(?<=[\"']))"
+_VALUE_END = r"(?=$|[&#;,)\s\"'<>])"
 
-def redact(text, secrets=()):
+
+def redact(text: object, secrets: Iterable[str | None] | None = ()) -> str:
     """``text`` as a string with each non-empty secret, and any ``access_key=`` value, masked.
 
     A secret is also masked in its percent-encoded spellings, which is how it appears in a
-    URL when it holds characters outside ``[A-Za-z0-9_.-~]``.
+    URL when it holds characters outside ``[A-Za-z0-9_.-~]``. Secrets shorter than
+    ``MIN_ANYWHERE_LEN`` are masked only as whole values (see there).
     """
     text = str(text)
     for variant in _spellings(secrets):
-        text = text.replace(variant, MASK)
+        if len(variant) >= MIN_ANYWHERE_LEN:
+            text = text.replace(variant, MASK)
+        else:
+            text = re.sub(_VALUE_START + re.escape(variant) + _VALUE_END, MASK, text)
     return _ACCESS_KEY_PARAM.sub(lambda match: match.group(1) + MASK, text)
 
 
-def _spellings(secrets):
-    variants = set()
+def _spellings(secrets: Iterable[str | None] | None) -> list[str]:
+    variants: set[str] = set()
     for secret in secrets or ():
         if secret:
             secret = str(secret)
@@ -52,11 +65,12 @@ class RedactingFormatter(logging.Formatter):
     empty and ``None`` ones are ignored).
     """
 
-    def __init__(self, *args, secrets=(), **kwargs):
+    def __init__(self, *args: Any, secrets: Iterable[str | None] | None = (),
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.secrets = tuple(str(secret) for secret in secrets or () if secret)
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         text = redact(super().format(record), self.secrets)
         # logging caches the traceback text on the record for every handler that formats it
         # after us; leave the cached copy clean too.

@@ -6,6 +6,7 @@ replies a dead connection could not deliver (kept for the next one, in time orde
 counters. ``session.Session`` lives as long as one connection and owns its greenlets.
 """
 
+import bisect
 import collections
 import datetime
 import logging
@@ -25,8 +26,11 @@ from .waiters import Waiters
 
 log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 _MAX_SAMPLES = 20_000  # latency samples kept per summary interval (sorted in ~3 ms)
+#: upper bounds (seconds) of the reply latency histogram's buckets; one more counts the rest
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                     5.0, 10.0)
 #: distinct (day, currency) lookups waited for at once (each is one greenlet; those of
 #: one day share one fetch in the rate book)
 MAX_LOOKUPS_IN_FLIGHT = 256
@@ -53,15 +57,30 @@ class Stats:
         self.requests = self.replies = self.errors = self.skipped = 0
         self.delivered = self.redelivered = self.dropped = self.possibly_lost = 0
         self.connects = self.reconnects = 0
+        self.connect_attempts = self.connect_failures = 0
         self.heartbeats_sent = self.heartbeats_received = 0
+        #: error replies by ``ExrateError.kind``
+        self.errors_by_kind: collections.Counter[str] = collections.Counter()
+        # Since start, for the metrics' histogram: replies per LATENCY_BUCKETS_S bucket
+        # (not cumulative: the scrape adds them up) and the sum of their latencies.
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
         self.backpressure_waits = 0  # times the reader stopped for room
         self.latencies_s = []
         self._recorded = 0  # replies recorded since the last summary
+
+    def error(self, kind):
+        """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g.
+        ``"invalid_request"``)."""
+        self.errors += 1
+        self.errors_by_kind[kind] += 1
 
     def record(self, latency_s, count=1):
         """Latency of ``count`` replies. Past ``_MAX_SAMPLES`` a sample replaces a random
         one (reservoir sampling), so the summary covers the whole interval at any rate and
         sorting it on the hub stays cheap."""
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += count
+        self.latency_sum_s += latency_s * count
         samples = self.latencies_s
         self._recorded += count
         room = _MAX_SAMPLES - len(samples)
@@ -81,9 +100,9 @@ class Stats:
 
 
 def percentile(samples, fraction):
-    """The ``fraction`` quantile of ``samples`` (nearest rank), or 0.0 when empty."""
+    """The ``fraction`` quantile of ``samples`` (nearest rank), or None when empty."""
     if not samples:
-        return 0.0
+        return None
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
@@ -120,9 +139,10 @@ class Service:
         self.waiting = Waiters(book, self._answer_waiting, max_requests=settings.max_in_flight,
                                max_lookups=MAX_LOOKUPS_IN_FLIGHT)
         #: (kept at, reply, written before) of replies no connection delivered, oldest first
-        self.undelivered = collections.deque()
+        self.undelivered: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self.jobs = Group()  # service-lifetime background jobs
         self.show_messages = settings.show_messages
+        self.last_disconnect = None  # why the last connection (or connect) ended, for /healthz
         self._last_summary_at = clock()
 
     # -- the supervisor ------------------------------------------------------------------
@@ -140,10 +160,13 @@ class Service:
                     self._wake.wait(delay_s)
                     if self.stopping:
                         break
+                self.stats.connect_attempts += 1
                 try:
                     conn = self._connect(ended)
                 except ConnectionClosed as e:
                     failures += 1
+                    self.stats.connect_failures += 1
+                    self.last_disconnect = f"connect failed: {e.cause}"
                     log.warning("connect failed (%d in a row): %s", failures, e.cause)
                     continue
                 finally:
@@ -198,6 +221,7 @@ class Service:
         finally:
             self.session = None
             ended = gevent.spawn(session.settle)
+        self.last_disconnect = cause
         if self.stopping:
             log.info("disconnected: %s", cause)
             return failures, ended
@@ -290,7 +314,7 @@ class Service:
         the others wait for their day's table (``self.waiting``)."""
         now = datetime.datetime.now(_UTC)
         today, stamp, started = now.date(), protocol.timestamp(now), self.clock()
-        replies = []
+        replies: list[bytes] = []
         for kind, data in events:
             if kind != "text":
                 self._refuse_frame(kind, data, today, replies)
@@ -316,7 +340,8 @@ class Service:
                 if e.request_id is None:
                     self._skip(f"{e.reason}: {protocol.excerpt(data)}")
                 else:
-                    self.stats.errors += 1
+                    self.stats.requests += 1  # a request, if a bad one: it gets a reply
+                    self.stats.error(e.kind)
                     replies.append(protocol.error_reply(e.request_id, e.reason))
             except Exception:  # a bug must cost one message, never the connection
                 self.stats.skipped += 1
@@ -347,10 +372,10 @@ class Service:
             stake_eur = protocol.convert(request.stake, table.rate(request.currency))
             return protocol.reply(request, stake_eur, stamp)
         except ProtocolError as e:
-            self.stats.errors += 1
+            self.stats.error(e.kind)
             return protocol.error_reply(request.id, e.reason)
         except RateError as e:
-            self.stats.errors += 1
+            self.stats.error(e.kind)
             return protocol.error_reply(request.id, str(e))
 
     def _answer_waiting(self, held, outcome):
@@ -361,13 +386,13 @@ class Service:
         for request, _ in held:
             try:
                 if isinstance(outcome, RateError):
-                    self.stats.errors += 1
+                    self.stats.error(outcome.kind)
                     replies.append(protocol.error_reply(request.id, str(outcome)))
                 else:
                     replies.append(self.answer(request, outcome, stamp))
             except Exception:  # a bug must still leave the request answered
                 log.exception("converting request %r failed", request.id)
-                self.stats.errors += 1
+                self.stats.error("internal")
                 replies.append(protocol.error_reply(request.id, "internal error"))
         self.deliver(replies)
         now = self.clock()
@@ -417,7 +442,8 @@ class Service:
             size = data if kind == "oversize" else len(data)
             self._skip(f"{kind} frame of {size} bytes")
             return
-        self.stats.errors += 1
+        self.stats.requests += 1  # a request, if in the wrong frame type: it gets a reply
+        self.stats.error("invalid_request")
         replies.append(protocol.error_reply(
             request_id, "binary frames are not supported: send the request as a text frame"))
 
@@ -448,12 +474,18 @@ class Service:
         session = self.session
         return (f"requests={s.requests} replies={s.replies} delivered={s.delivered} "
                 f"errors={s.errors} skipped={s.skipped} "
-                f"p50_ms={percentile(samples, 0.5) * 1000:.2f} "
-                f"p99_ms={percentile(samples, 0.99) * 1000:.2f} connects={s.connects} "
-                f"reconnects={s.reconnects} redelivered={s.redelivered} dropped={s.dropped} "
+                f"p50_ms={_ms(percentile(samples, 0.5))} p99_ms={_ms(percentile(samples, 0.99))} "
+                f"connect_attempts={s.connect_attempts} connect_failures={s.connect_failures} "
+                f"connects={s.connects} reconnects={s.reconnects} "
+                f"redelivered={s.redelivered} dropped={s.dropped} "
                 f"possibly_lost={s.possibly_lost} in_flight={len(self.waiting)} "
                 f"outbox={len(session.outbox) if session else 0} kept={len(self.undelivered)} "
                 f"memory_hits={self.book.memory_hits} cache_hits={cache[0]} "
                 f"cache_misses={cache[1]} rate_api_calls={self.book.api_calls} "
                 f"rate_api_fetches={getattr(self.book, 'fetches', 0)} "
                 f"failed_lookups={self.waiting.failed_lookups}")
+
+
+def _ms(seconds):
+    """Seconds as milliseconds for the summary; ``-`` when there is no figure."""
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"

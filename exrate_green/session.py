@@ -226,7 +226,8 @@ class Session:
         self._drained.clear()
         beat = self.heartbeat_due
         self.heartbeat_due = False
-        chunk, size = [], 0
+        chunk: list[bytes] = []
+        size = 0
         outbox = self.outbox
         while outbox and (size < CHUNK_BYTES or not chunk):
             entry = outbox.popleft()

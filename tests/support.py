@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gevent
 
-from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
+from exrate_green.runtime import Runtime
 from exrate_green.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def wait_until(predicate, timeout_s, interval_s=0.01):
 
 
 def service_env(tmp_path, **variables):
-    """A clean environment for a subprocess: only what DESIGN.md names, plus PATH.
+    """A clean environment for a subprocess: only what docs/design.md names, plus PATH.
 
     Not gevent's monitor thread: started by a process that exits before its hub ever ran,
     it fails at interpreter shutdown and prints a traceback (a gevent artefact).

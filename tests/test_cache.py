@@ -21,6 +21,7 @@ from exrate_green.cache import JsonDisk, TableCache, run_cache_command
 from exrate_green.config import Settings
 from exrate_green.errors import CacheError
 from exrate_green.rates.table import RateTable
+
 from .support import LOCKER
 
 ROOT = Path(__file__).resolve().parents[1]

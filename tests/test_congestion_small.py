@@ -81,7 +81,7 @@ def test_the_stall_watchdog_reads_progress_while_sessions_come_and_go():
                     errors.append("stall seen")
                 checks[0] += 1
                 native_sleep(0.0001)
-        except Exception as e:  # noqa: BLE001  the point: nothing may escape
+        except Exception as e:
             errors.append(repr(e))
 
     start_new_thread(watch, ())

@@ -1,4 +1,4 @@
-"""Cache faults with the service running (DESIGN.md 4: a cache failure is a miss).
+"""Cache faults with the service running (docs/design.md 4: a cache failure is a miss).
 
 ``tests/test_cache.py`` proves the cache layer alone (locked, unwritable, corrupt, pickled
 rows refused unread). Here the whole service runs in this process (Frankfurter provider,
@@ -176,9 +176,10 @@ def tmpfs(path, size):
 
 
 def test_cache_on_a_read_only_filesystem(tmp_path):
+    from decimal import Decimal
+
     from exrate_green.cache import TableCache
     from exrate_green.rates.table import RateTable
-    from decimal import Decimal
 
     with tmpfs(tmp_path / "ro", "4m") as mnt:
         cache_dir = mnt / "cache"

@@ -1,4 +1,4 @@
-"""Link faults, 100 cycles of each kind, with requests flowing (DESIGN.md 2).
+"""Link faults, 100 cycles of each kind, with requests flowing (docs/design.md 2).
 
 The service runs in this process against the simulator, with heartbeats every 50 ms and
 a 250 ms watchdog (production: 1 s / 2 s) so that a hundred silent stalls fit in seconds.

@@ -1,4 +1,4 @@
-"""Rate API faults, seen from the upstream (DESIGN.md 2 "Concurrency", 3 "HTTP").
+"""Rate API faults, seen from the upstream (docs/design.md 2 "Concurrency", 3 "HTTP").
 
 The service runs in this process with the Frankfurter provider against the fake rate API,
 a fetch budget of 1 s (EXRATE_HTTP_TIMEOUT) and heartbeats every 100 ms. For each fault

@@ -1,4 +1,4 @@
-"""Redis faults with the service running: killed and restarted, or silent (DESIGN.md 4).
+"""Redis faults with the service running: killed and restarted, or silent (docs/design.md 4).
 
 The whole service runs in this process (Frankfurter provider, the fake rate API, a real
 redis-server as its Redis tier). Redis fails under it; each time the service stays

@@ -1,4 +1,4 @@
-"""SIGTERM under load, the service as a real process (DESIGN.md 2 "Shutdown").
+"""SIGTERM under load, the service as a real process (docs/design.md 2 "Shutdown").
 
 ``bin/exrate-service`` runs as a subprocess against the simulator and the fake rate API,
 both in this process. The simulator sends 300 requests/s over 18 months of dates and the

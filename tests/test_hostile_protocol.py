@@ -6,11 +6,11 @@ derandomized so CI sees the same examples every run):
 * ``protocol.parse`` never raises anything but ``ProtocolError``, whatever the bytes;
 * a message with a readable id (an integer of 64 bits or a string of at most 100
   characters) gets exactly one reply, a well-formed JSON object carrying that id; a
-  heartbeat or a message without a readable id gets none (DESIGN.md 2, "Bad input");
+  heartbeat or a message without a readable id gets none (docs/design.md 2, "Bad input");
 * ``Service.handle`` (the real one, with a real rate book over the bundled ECB history)
   keeps that promise too: one reply per request with an id, nothing raised;
 * a currency or a date only ever leaves ``parse`` as ``^[A-Z]{3}$`` and a ``datetime.date``,
-  the only forms the providers put in a URL (DESIGN.md 3).
+  the only forms the providers put in a URL (docs/design.md 3).
 """
 
 import datetime
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exrate_green import protocol
-from exrate_green.runtime import Runtime
 from exrate_green.config import Settings
 from exrate_green.errors import ProtocolError
+from exrate_green.runtime import Runtime
 from exrate_green.service import Service
 
 TODAY = datetime.date(2026, 11, 24)

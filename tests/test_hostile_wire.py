@@ -327,7 +327,7 @@ def test_big_frames_and_deep_nesting_keep_memory_flat_and_heartbeats_on_time(tmp
             assert up.wait_for_reply(rid, 10)["type"] == "message"
 
             def round_of_big_frames(n):
-                for i in range(n):
+                for _ in range(n):
                     for frame in big:
                         up.send_raw(frame)
                     up.send_raw(b"\0" * (2 * mib), binary=True)

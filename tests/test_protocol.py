@@ -97,10 +97,10 @@ def test_error_reply_shape():
 
 
 def test_timestamp_format():
-    moment = datetime.datetime(2021, 5, 18, 21, 32, 42, 412999, tzinfo=datetime.timezone.utc)
+    moment = datetime.datetime(2021, 5, 18, 21, 32, 42, 412999, tzinfo=datetime.UTC)
     assert protocol.timestamp(moment) == "2021-05-18T21:32:42.412Z"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", protocol.timestamp(
-        datetime.datetime.now(datetime.timezone.utc)))
+        datetime.datetime.now(datetime.UTC)))
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -121,7 +121,8 @@ def test_timestamp_format():
     (request(date="2999-01-01T00:00:00Z"), "date '2999-01-01T00:00:00Z' is in the future"),
     (request().replace(b'"stake": 253.67', b'"stake": NaN'), "stake must be a finite number"),
     (request().replace(b'"stake": 253.67', b'"stake": -Infinity'), "stake must be a finite number"),
-    (request().replace(b'"stake": 253.67', b'"stake": 1e999'), "stake must not exceed 1000000000000"),
+    (request().replace(b'"stake": 253.67', b'"stake": 1e999'),
+     "stake must not exceed 1000000000000"),
     (request().replace(b'"odds": 2.2', b'"odds": NaN'), "odds must be a finite number"),
     (b'{"type":"message","id":456}', "missing field 'payload'"),
     (b'{"type":"message","id":456,"payload":[1]}', "payload must be an object"),
@@ -149,7 +150,8 @@ def test_error_reasons_are_truncated():
 
 
 def test_far_future_allows_one_day_of_clock_skew():
-    assert protocol.parse(request(date="2026-11-25T23:00:00Z"), TODAY).day == TODAY + datetime.timedelta(1)
+    tomorrow = TODAY + datetime.timedelta(1)
+    assert protocol.parse(request(date="2026-11-25T23:00:00Z"), TODAY).day == tomorrow
 
 
 def test_a_currency_code_with_a_trailing_newline_is_refused_by_requests_and_providers():

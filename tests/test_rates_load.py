@@ -66,7 +66,8 @@ def test_convert_says_which_provider_of_the_chain_answered(tmp_path):
         usd = subprocess.run([sys.executable, str(BIN), *CONVERT], env=env, cwd=str(ROOT),
                              capture_output=True, text=True, timeout=30, check=False)
         uah = subprocess.run([sys.executable, str(BIN), "convert", "100", "UAH", "2021-05-18"],
-                             env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30, check=False)
+                             env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+                             check=False)
     assert usd.returncode == 0 and "frankfurter publication of 2021-05-18" in usd.stdout, usd
     assert uah.returncode == 0 and "exchangerate.host publication" in uah.stdout, uah
     assert "k3y" not in usd.stdout + usd.stderr + uah.stdout + uah.stderr

@@ -1,4 +1,4 @@
-"""Security review, as tests (DESIGN.md 3, 4, 5).
+"""Security review, as tests (docs/design.md 3, 4, 5).
 
 * TLS: a self-signed loopback wss:// upstream and https:// rate API (certificates from
   ``trustme``) are refused by default and accepted once their CA is configured

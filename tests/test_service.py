@@ -31,7 +31,8 @@ def test_converts_at_the_ecb_rate_and_keeps_every_field(tmp_path):
         assert reply["payload"] == {**USD_20210518, "stake": 207.55196, "currency": "EUR",
                                     "date": reply["payload"]["date"]}
         made = datetime.datetime.strptime(reply["payload"]["date"], "%Y-%m-%dT%H:%M:%S.%fZ")
-        assert abs(made - datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)) < datetime.timedelta(seconds=5)
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        assert abs(made - now) < datetime.timedelta(seconds=5)
         assert service.stats.replies == 1
         assert up.report()["invalid"] == 0, up.problems()
 
@@ -112,7 +113,7 @@ def test_reconnects_after_a_close_frame(tmp_path, code):
 
 
 def test_keeps_retrying_while_the_upstream_refuses_then_resets_backoff(tmp_path):
-    with Upstream(**{"heartbeat_interval_s": 0.2}) as up, \
+    with Upstream(heartbeat_interval_s=0.2) as up, \
             running_service(up.url, tmp_path, **FAST_BEATS) as service:
         up.wait_for_connections(1, 5)
         up.refuse_connections()
@@ -127,7 +128,8 @@ def test_keeps_retrying_while_the_upstream_refuses_then_resets_backoff(tmp_path)
 
 def test_a_reply_caught_by_a_drop_is_redelivered_on_the_next_connection(tmp_path):
     with FakeRateApi(latency_s=0.6) as api, Upstream() as up, running_service(
-            up.url, tmp_path, provider="frankfurter", frankfurter_url=api.frankfurter_url) as service:
+            up.url, tmp_path, provider="frankfurter",
+            frankfurter_url=api.frankfurter_url) as service:
         up.wait_for_connections(1, 5)
         rid = up.send_request(payload())  # the rate takes 0.6 s: no connection then
         gevent.sleep(0.1)
@@ -169,7 +171,8 @@ BAD_FRAMES = [
     '{"type":"message","id":9009,"payload":"oops"}',
     "[" * 50_000 + "]" * 50_000,
     "\u0000\u0001\u0002",
-    '{"type":"message","id":9010,"payload":{"stake":12,"currency":"USD","date":"2021-05-18","x":' + "9" * 5000 + "}}",
+    '{"type":"message","id":9010,"payload":{"stake":12,"currency":"USD","date":"2021-05-18",'
+    '"x":' + "9" * 5000 + "}}",
 ]
 
 

@@ -24,7 +24,7 @@ PAYLOAD = {"marketId": 123456, "selectionId": 987654, "odds": 2.2, "stake": 253.
 
 
 def now_z():
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_the_ledger_forgets_answered_requests_and_keeps_counting():
     ledger = Ledger(window=64, max_pending=100)
-    for start in range(0, 10_000, 50):
+    for _ in range(0, 10_000, 50):
         ids = ledger.allocate_many(50)
         ledger.register_many(ids, [None] * 50, 1, time.monotonic())
         for rid in ids:

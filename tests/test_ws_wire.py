@@ -202,7 +202,8 @@ def test_a_close_from_the_upstream_is_answered_once_with_its_code(peer, sent, ec
     peer.sock.close()
     ending.join(timeout=1)
     assert isinstance(ending.exception, ConnectionClosed)
-    assert f"upstream sent close frame {ws.parse_close_payload(sent).code}" in ending.exception.reason
+    code = ws.parse_close_payload(sent).code
+    assert f"upstream sent close frame {code}" in ending.exception.reason
 
 
 @pytest.mark.timeout(10)

@@ -25,22 +25,22 @@ the server could not be reached.
 
 from gevent import monkey; monkey.patch_all()  # noqa: E702, I001  first: before socket/ssl load
 
-import argparse  # noqa: E402
-import fnmatch  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from urllib.parse import quote  # noqa: E402
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from urllib.parse import quote
 
-import gevent  # noqa: E402
-import websocket  # noqa: E402
+import gevent
+import websocket
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exrate_green.connection import Connection  # noqa: E402
-from exrate_green.errors import ConnectionClosed  # noqa: E402
+from exrate_green.connection import Connection
+from exrate_green.errors import ConnectionClosed
 
 OP_BINARY = 0x2
 CONNECT_TIMEOUT_S = 10.0

@@ -246,10 +246,11 @@ class Bench:
                         EXCHANGERATE_HOST_URL=f"http://127.0.0.1:{api_port}",
                         EXRATE_CACHE_DIR=str(self.workdir / "cold-cache"))
         last = FIRST_DAY + datetime.timedelta(days=plan.cold_days - 1)
-        sim = self.simulator("cold", port, plan.cold_rate, plan.cold_requests / plan.cold_rate + 0.05,
+        sim = self.simulator("cold", port, plan.cold_rate,
+                             plan.cold_requests / plan.cold_rate + 0.05,
                              f"--requests={plan.cold_requests}", f"--dates={FIRST_DAY}:{last}",
-                             f"--rate-api={api_port}", f"--rate-api-latency={plan.cold_latency_ms:g}",
-                             "--drain=5")
+                             f"--rate-api={api_port}",
+                             f"--rate-api-latency={plan.cold_latency_ms:g}", "--drain=5")
         sim.wait_for("listening on", 30)
         service = self.start("service-cold", [sys.executable, str(BIN)], env, cpu=SERVICE_CPU)
         row = self.measure("cold", plan.cold_rate, sim, service, strict=False)
@@ -258,7 +259,8 @@ class Bench:
         row["rate_api_calls"] = api.get("calls")
         row["days"] = plan.cold_days
         row["targets"] = {
-            "at_most_one_api_call_per_day": api.get("calls") is not None and api["calls"] <= plan.cold_days,
+            "at_most_one_api_call_per_day": (api.get("calls") is not None
+                                             and api["calls"] <= plan.cold_days),
             "p99_under_300_ms": row["p99_ms"] is not None and row["p99_ms"] < 300,
             "no_reconnect": row["connections"] == 1,
             "all_answered_valid": row["unanswered"] == 0 and row["invalid"] == 0,
@@ -290,7 +292,8 @@ class Bench:
                           if reason.startswith("exchange rate service unavailable"))
         row["targets"] = {
             "every_request_answered": row["unanswered"] == 0 and row["invalid"] == 0,
-            "only_error_replies": report.get("ok") == 0 and unavailable == report.get("error_replies"),
+            "only_error_replies": (report.get("ok") == 0
+                                   and unavailable == report.get("error_replies")),
             "heartbeat_gap_under_1_1_s": (row["heartbeat_max_gap_s"] or 9) < 1.1,
             "no_reconnect": row["connections"] == 1,
         }

@@ -36,7 +36,7 @@ import psutil
 HERE = Path(__file__).resolve().parent.parent
 PEER = HERE / "tests" / "ws_peer.py"
 #: where the service's output goes (BENCH_LOG=FILE to keep it)
-LOG = open(os.environ.get("BENCH_LOG", os.devnull), "ab")  # noqa: SIM115  process-long
+LOG = open(os.environ.get("BENCH_LOG", os.devnull), "ab")
 
 
 class Peer:

@@ -32,8 +32,11 @@ def format_table(rows, markdown=False):
         lines = ["| " + " | ".join(names) + " |", "|" + "|".join(["---"] * len(names)) + "|"]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(x) for x in column) for column in zip(names, *cells)]
-    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w)
-                                    for i, (v, w) in enumerate(zip(values, widths)))
+
+    def line(values):
+        return "  ".join(v.rjust(w) if i else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths)))
+
     return "\n".join([line(names)] + [line(c) for c in cells])
 
 
@@ -62,7 +65,8 @@ def format_results(results, markdown=False):
         + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in cold["targets"].items()),
         f"rate API failing: {failing['rate_api_calls']} rate API calls; "
         + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in failing["targets"].items()),
-        "verdict: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in results["verdict"].items()),
+        "verdict: " + ", ".join(f"{k}={'yes' if v else 'NO'}"
+                                for k, v in results["verdict"].items()),
     ]
     return "\n".join(lines)
 

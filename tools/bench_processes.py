@@ -30,7 +30,7 @@ class Child:
         self.label = label
         self.args = args
         self.report_path = None
-        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115  closed by stop()
+        self._log = open(log_path, "w", encoding="utf-8")
         self._seen = []  # (monotonic, line)
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(args, env=env, cwd=str(cwd), stdout=subprocess.PIPE,
@@ -132,7 +132,8 @@ class Usage:
 def child_env(**variables):
     """This environment without the service's own settings, plus ``variables``."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EXRATE_", "EXCHANGE")) and k not in ("LOG_LEVEL", "FRANKFURTER_URL")}
+           if not k.startswith(("EXRATE_", "EXCHANGE"))
+           and k not in ("LOG_LEVEL", "FRANKFURTER_URL")}
     env.update(PYTHONUNBUFFERED="1", **{k: str(v) for k, v in variables.items()})
     env.setdefault("LOG_LEVEL", "INFO")
     return env

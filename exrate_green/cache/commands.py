@@ -122,7 +122,7 @@ def _merge_list(results, settings):
 
 def _merge_show(results, settings):
     """Each distinct table once, with the tiers that hold it."""
-    shown = {}
+    shown: dict = {}
     for tier_name, tables in results.items():
         for t in tables:
             rates = {code: str(rate) for code, rate in sorted(t.rates.items())}

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import diskcache
 import gevent
@@ -140,9 +141,9 @@ class TableCache:
 
     ``directory``: the cache directory (created by ``open``). ``ttl_s``: seconds a table
     is fresh after its ``fetched_at``; ``stale_s``: seconds it is kept beyond that for
-    stale-if-error use (0: dropped when no longer fresh). ``timeout_s``: SQLite's wait for a lock held by
-    another process, in seconds, per statement; short, so a locked cache degrades to misses
-    quickly. ``wait_s``: the longest a ``get``/``put`` caller waits for the disk thread
+    stale-if-error use (0: dropped when no longer fresh). ``timeout_s``: SQLite's wait for a
+    lock held by another process, in seconds, per statement; short, so a locked cache degrades
+    to misses quickly. ``wait_s``: the longest a ``get``/``put`` caller waits for the disk thread
     (queueing behind other callers included), in seconds.
 
     ``get`` and ``put`` are called from greenlets and never block the hub; the inspection
@@ -167,8 +168,8 @@ class TableCache:
         self.hits = 0
         self.misses = 0
         self.errors = 0
-        self._pool = None
-        self._cache = None  # touched only in the pool's thread
+        self._pool: Any = None
+        self._cache: Any = None  # touched only in the pool's thread
         self._enabled = False
         # After a lock timeout the disk is skipped until then (monotonic seconds): every
         # caller queued behind the one thread would otherwise wait out the same lock.

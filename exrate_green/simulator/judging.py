@@ -6,7 +6,7 @@ parsed replies for ``wait_for_reply``); problems are recorded, never raised.
 
 A reply to an automatic request (a ``Template``) is validated in a few C-level steps
 (``fast_ok``); the detailed checks (``check_message``, ``check_error``) run only when
-those fail, to say what is wrong. The rules (DESIGN.md 1): the reply keeps the request's
+those fail, to say what is wrong. The rules (docs/design.md 1): the reply keeps the request's
 id and every payload field but ``stake``, ``currency`` and ``date``; the currency is
 EUR; the stake is a finite JSON number with at most 5 decimals (a EUR stake unchanged);
 the date is the reply time as ``YYYY-MM-DDTHH:MM:SS.mmmZ``; an error reply's message is

@@ -1,4 +1,4 @@
-"""A loopback stand-in for the ``currency-assignment`` WebSocket server (DESIGN.md 1, 2).
+"""A loopback stand-in for the ``currency-assignment`` WebSocket server (docs/design.md 1, 2).
 
 ``Upstream`` serves WebSocket clients on 127.0.0.1 with gevent-websocket. Per connection
 it sends ``{"type":"heartbeat"}`` at once and then every ``heartbeat_interval_s``, and

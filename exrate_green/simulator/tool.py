@@ -95,7 +95,8 @@ def parse_dates(text):
     try:
         days = datetime.date.fromisoformat(first), datetime.date.fromisoformat(last)
     except ValueError:
-        raise ValueError(f"--dates wants FIRST:LAST as YYYY-MM-DD:YYYY-MM-DD, got {text!r}") from None
+        raise ValueError(
+            f"--dates wants FIRST:LAST as YYYY-MM-DD:YYYY-MM-DD, got {text!r}") from None
     if days[1] < days[0]:
         raise ValueError(f"--dates {text!r} ends before it starts")
     return days
@@ -193,9 +194,11 @@ class Simulation:
     def keep_rate_api_failing(self, mode, ahead=1000):
         """Keep at least ``ahead`` failures queued on the fake rate API: every request fails."""
         queued = 0
+        rate_api = self.rate_api
+        assert rate_api is not None  # started with --rate-api-fail
         while True:
-            if queued - self.rate_api.calls < ahead:
-                self.rate_api.fail_next(ahead, mode)
+            if queued - rate_api.calls < ahead:
+                rate_api.fail_next(ahead, mode)
                 queued += ahead
             gevent.sleep(0.05)
 
@@ -298,7 +301,8 @@ def run_simulate(options, out=print):
             f.write(text + "\n")
     else:
         out(text)
-    out(summary_line(report) + (f" (written to {options.report_path})" if options.report_path else ""))
+    written = f" (written to {options.report_path})" if options.report_path else ""
+    out(summary_line(report) + written)
     if report["failure"]:
         return 1
     return 0 if not report["invalid"] and not report["unanswered"] else 1

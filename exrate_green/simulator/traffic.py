@@ -1,6 +1,6 @@
 """What the simulated upstream sends: realistic requests, their pacing, and garbage.
 
-Requests follow the recorded shape and ranges (DESIGN.md 1): ten fixed market/selection
+Requests follow the recorded shape and ranges (docs/design.md 1): ten fixed market/selection
 pairs, odds 1.02-9.01, stakes 18.2-9983.6 with 0-5 decimals, weighted currencies and dates
 in a window. Automatic requests cycle through pre-encoded ``Template`` payloads, so that
 one costs a few string operations: the simulator must out-run the clients it measures.

@@ -60,10 +60,10 @@ class Parser:
         self._masked = 0x80 if role == "server" else 0  # the mask bit the peer must set
         self._buf = bytearray()
         self._skip_bytes = 0  # left of an oversize frame's payload to discard
-        self._kind = None  # kind of the fragmented message in progress, if any
-        self._message = None  # its fragments so far (None while an oversize one is skipped)
-        self._decoder = None  # incremental UTF-8 check of a fragmented text message
-        self._partial = None  # [decoder, bytes checked] of an incomplete text frame
+        self._kind: str | None = None  # kind of the fragmented message in progress, if any
+        self._message: Any = None  # its fragments so far (None while an oversize one is skipped)
+        self._decoder: Any = None  # incremental UTF-8 check of a fragmented text message
+        self._partial: Any = None  # [decoder, bytes checked] of an incomplete text frame
 
     @property
     def buffered_bytes(self) -> int:
@@ -104,7 +104,8 @@ class Parser:
                     break
                 length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
                 if length >> 63:
-                    self._fail(events, Violation(CLOSE_PROTOCOL_ERROR, "64-bit length with MSB set"))
+                    self._fail(events,
+                               Violation(CLOSE_PROTOCOL_ERROR, "64-bit length with MSB set"))
                     break
             mask_at = head
             if masked:

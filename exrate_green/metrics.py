@@ -1,0 +1,333 @@
+"""Metrics and health, opt-in: ``/metrics`` (Prometheus text) and ``/healthz`` on one port.
+
+Nothing here runs on the hot path. The figures are read when a scrape comes, from the
+counters the service, its session, the rate book and the cache keep anyway (a custom
+``Collector``); only the reply latency histogram needs an observation per reply batch, and
+``service.Stats.record`` keeps it as a few cumulative-bucket counters.
+
+The endpoint is a WSGI app served by ``gevent.pywsgi`` on the service's hub (not
+prometheus-client's threaded server): a scrape is a short greenlet reading counters.
+``MetricsServer`` belongs to the service's lifetime: ``cli.run`` starts it when
+``EXRATE_METRICS_PORT`` is set and stops it when the service ends. Without the variable
+nothing listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import orjson
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from .service import LATENCY_BUCKETS_S
+
+log = logging.getLogger("exrate_green.metrics")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+#: circuit-breaker states, exported as one 0/1 series each per provider ("probing": the
+#: cool-down is over and one call is let through)
+BREAKER_STATES = ("closed", "open", "probing")
+
+
+class ServiceCollector(Collector):
+    """Reads the service's counters at scrape time.
+
+    ``service`` is the running ``Service`` (its ``stats``, ``session``, ``book``); the rate
+    book's ``cache`` and ``provider`` are reached through it. Counters another part of the
+    service does not keep (yet) are read with defaults, so a scrape never fails because a
+    figure is missing: it is left out.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._traffic()
+        yield self._latency()
+        yield from self._link()
+        yield from self._rates()
+        yield from self._cache()
+
+    # -- requests and replies -------------------------------------------------------------
+
+    def _traffic(self) -> Iterator[Metric]:
+        stats = self.service.stats
+        yield _counter("exrate_requests", "Conversion requests read (bad ones included).",
+                       stats.requests)
+        yield _counter("exrate_replies", "Replies written to a connection (errors included).",
+                       stats.replies)
+        errors = CounterMetricFamily(
+            "exrate_error_replies", "Error replies, by reason class.", labels=["reason"])
+        by_kind: Mapping[str, int] = getattr(stats, "errors_by_kind", None) or {}
+        for kind, count in sorted(by_kind.items()):
+            errors.add_metric([kind], count)
+        unclassified = stats.errors - sum(by_kind.values())
+        if unclassified > 0:
+            errors.add_metric(["unclassified"], unclassified)
+        yield errors
+        yield _counter("exrate_skipped_messages", "Messages without an id, logged and skipped.",
+                       stats.skipped)
+        yield _counter("exrate_redelivered_replies",
+                       "Replies kept from a dropped connection and sent on the next one.",
+                       stats.redelivered)
+        yield _counter("exrate_dropped_replies",
+                       "Replies dropped: no connection within the redelivery window, or "
+                       "abandoned at shutdown.", stats.dropped)
+        for name, attribute, documentation in _OPTIONAL_STATS:
+            value = getattr(stats, attribute, None)
+            if value is not None:
+                yield _counter(name, documentation, value)
+        waiting = getattr(self.service, "waiting", None)
+        if waiting is not None:
+            yield _gauge("exrate_in_flight", "Conversions waiting for a rate table.",
+                         len(waiting))
+        undelivered = getattr(self.service, "undelivered", None)
+        if undelivered is not None:
+            yield _gauge("exrate_undelivered_replies",
+                         "Replies held for the next connection.", len(undelivered))
+
+    def _latency(self) -> Metric:
+        """The histogram from ``Stats``' per-bucket counts, made cumulative here."""
+        stats = self.service.stats
+        counts = getattr(stats, "latency_counts", None) or [0] * (len(LATENCY_BUCKETS_S) + 1)
+        buckets, total = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), counts):
+            total += count
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), total))
+        return HistogramMetricFamily(
+            "exrate_reply_latency_seconds",
+            "Seconds from reading a request to writing its reply.",
+            buckets=buckets, sum_value=getattr(stats, "latency_sum_s", 0.0))
+
+    # -- the upstream link ----------------------------------------------------------------
+
+    def _link(self) -> Iterator[Metric]:
+        stats = self.service.stats
+        attempts = getattr(stats, "connect_attempts", None)
+        if attempts is not None:
+            yield _counter("exrate_connect_attempts", "Connection attempts to the upstream.",
+                           attempts)
+            yield _counter("exrate_connect_failures",
+                           "Connection attempts that failed before the WebSocket opened.",
+                           getattr(stats, "connect_failures", 0))
+        yield _counter("exrate_connects", "WebSocket connections opened.", stats.connects)
+        yield _counter("exrate_reconnects",
+                       "Connections lost while running (each followed by a reconnect).",
+                       stats.reconnects)
+        yield _counter("exrate_heartbeats_sent", "Heartbeats sent to the upstream.",
+                       stats.heartbeats_sent)
+        yield _counter("exrate_heartbeats_received", "Heartbeats received from the upstream.",
+                       stats.heartbeats_received)
+        health = health_of(self.service)
+        yield _gauge("exrate_connected", "1 while a connection to the upstream is open.",
+                     1 if health["connected"] else 0)
+        yield _gauge("exrate_healthy", "1 while /healthz answers 200.",
+                     1 if health["healthy"] else 0)
+        if health["heartbeat_age_s"] is not None:
+            yield _gauge("exrate_heartbeat_age_seconds",
+                         "Seconds since the last heartbeat from the upstream on this "
+                         "connection (since it opened, before the first one).",
+                         health["heartbeat_age_s"])
+
+    # -- rates and cache ------------------------------------------------------------------
+
+    def _rates(self) -> Iterator[Metric]:
+        book = self.service.book
+        for name, what, documentation in _PROVIDER_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=["provider"])
+            for provider, count in _by_provider(book, what):
+                family.add_metric([provider], count)
+            yield family
+        states = GaugeMetricFamily(
+            "exrate_circuit_breaker_state",
+            "1 for the provider's current circuit-breaker state, 0 for the others.",
+            labels=["provider", "state"])
+        for provider, state in _breaker_states(book):
+            for candidate in BREAKER_STATES:
+                states.add_metric([provider, candidate], 1 if state == candidate else 0)
+        yield states
+
+    def _cache(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily("exrate_cache_hits", "Rate-table lookups answered, by tier.",
+                                   labels=["tier"])
+        misses = CounterMetricFamily("exrate_cache_misses",
+                                     "Rate-table lookups not answered, by tier.", labels=["tier"])
+        errors = CounterMetricFamily("exrate_cache_errors",
+                                     "Cache operations that failed (counted as misses), by tier.",
+                                     labels=["tier"])
+        for tier, counts in _tiers(self.service.book):
+            for family, key in ((hits, "hits"), (misses, "misses"), (errors, "errors")):
+                count = counts.get(key)
+                if count is not None:
+                    family.add_metric([tier], count)
+        yield hits
+        yield misses
+        yield errors
+
+
+#: (metric, ``Stats`` attribute, help) of counters the service may keep
+_OPTIONAL_STATS = (
+    ("exrate_delivered_replies", "delivered",
+     "Replies whose bytes the upstream's TCP acknowledged."),
+    ("exrate_possibly_lost_replies", "possibly_lost",
+     "Replies written but never acknowledged, and not sent again (shutdown, or too old)."),
+    ("exrate_backpressure_waits", "backpressure_waits",
+     "Times the reader stopped reading until a waiting conversion made room."),
+)
+
+
+def _counter(name: str, documentation: str, value: float) -> Metric:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _gauge(name: str, documentation: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+#: (metric, the provider lane's counter, help) for the per-provider counters
+_PROVIDER_COUNTERS = (
+    ("exrate_rate_api_calls", "attempts", "HTTP requests to a rate API (retries included)."),
+    ("exrate_rate_fetches", "fetches", "Table fetches (a day or a month; retries included)."),
+    ("exrate_rate_api_failures", "failures", "Table fetches that failed."),
+    ("exrate_stale_tables_served", "stale_served",
+     "Requests answered from a stale table because its provider failed (stale-if-error)."),
+)
+
+
+def _by_provider(book: Any, what: str) -> Iterable[tuple[str, int]]:
+    """``(provider, count)`` of the counter ``what`` of each provider's lane.
+
+    A book without lanes (one provider, counted on the book) has only ``api_calls``.
+    """
+    lanes = getattr(book, "lanes", None)
+    if lanes is not None:
+        return [(name, getattr(lane, what)) for name, lane in lanes.items()
+                if hasattr(lane, what)]
+    if what != "attempts" or not hasattr(book, "api_calls"):
+        return []
+    return [(getattr(book.provider, "name", "unknown"), book.api_calls)]
+
+
+def _breaker_states(book: Any) -> Iterable[tuple[str, str]]:
+    """``(provider, state)`` for every provider with a circuit breaker."""
+    lanes = getattr(book, "lanes", None) or {}
+    return [(name, lane.breaker.state) for name, lane in lanes.items()
+            if getattr(lane, "breaker", None) is not None]
+
+
+def _tiers(book: Any) -> Iterable[tuple[str, Mapping[str, int | None]]]:
+    """``(tier, {"hits": n, "misses": n, "errors": n})``: the book's memory front, then each
+    tier of its cache (a count it does not keep is missing)."""
+    rows: list[tuple[str, Mapping[str, int | None]]] = [
+        ("memory", {"hits": getattr(book, "memory_hits", 0)})]
+    cache = getattr(book, "cache", None)
+    tiers = getattr(cache, "tiers", None)
+    if tiers is None and cache is not None:
+        tiers = [cache]  # a single disk cache
+    for tier in tiers or ():
+        rows.append((getattr(tier, "name", "disk"),
+                     {key: getattr(tier, key, None) for key in ("hits", "misses", "errors")}))
+    return rows
+
+
+def health_of(service: Any) -> dict[str, Any]:
+    """Whether the service is healthy now, and why not.
+
+    Healthy: a connection is open and the upstream's last heartbeat on it is younger than
+    the heartbeat timeout. A connection on which no heartbeat came yet is not healthy
+    (an upstream that went silent before we reconnected would otherwise look healthy for
+    a timeout after every reconnect).
+    """
+    timeout_s = service.settings.heartbeat_timeout_s
+    session = service.session
+    result: dict[str, Any] = {"healthy": False, "connected": False, "heartbeat_age_s": None,
+                              "reason": None}
+    if getattr(service, "stopping", False):
+        result["reason"] = "shutting down"
+        return result
+    conn = getattr(session, "conn", None)
+    if session is None or conn is None or getattr(conn, "closed", False):
+        last = getattr(service, "last_disconnect", None)
+        result["reason"] = f"not connected (last: {last})" if last else "not connected yet"
+        return result
+    result["connected"] = True
+    age_s = max(0.0, service.clock() - session.last_heartbeat_at)
+    result["heartbeat_age_s"] = round(age_s, 3)
+    if not getattr(session, "heartbeats_received", 1):
+        result["reason"] = f"connected, no heartbeat from upstream yet ({age_s:.1f} s)"
+    elif age_s > timeout_s:
+        result["reason"] = (f"no heartbeat from upstream for {age_s:.1f} s "
+                            f"(timeout {timeout_s:g} s)")
+    else:
+        result["healthy"] = True
+    return result
+
+
+class MetricsApp:
+    """The WSGI app: ``/metrics``, ``/healthz``, and 404 for anything else."""
+
+    def __init__(self, service: Any, *, process_metrics: bool = True) -> None:
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServiceCollector(service))
+        if process_metrics:  # RSS, CPU seconds, open fds: read from /proc at scrape time
+            ProcessCollector(registry=self.registry)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", b"GET only\n")
+        if path == "/metrics":
+            return _respond(start_response, "200 OK", generate_latest(self.registry),
+                            CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            health = health_of(self.service)
+            status = "200 OK" if health["healthy"] else "503 Service Unavailable"
+            body = {"status": "ok" if health["healthy"] else "unavailable",
+                    **{k: v for k, v in health.items() if k != "healthy"}}
+            return _respond(start_response, status, orjson.dumps(body) + b"\n",
+                            "application/json")
+        return _respond(start_response, "404 Not Found", b"try /metrics or /healthz\n")
+
+
+def _respond(start_response: StartResponse, status: str, body: bytes,
+             content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
+    start_response(status, [("Content-Type", content_type),
+                            ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [body]
+
+
+class MetricsServer:
+    """``MetricsApp`` on ``host:port`` (port 0: any free one), served by gevent.pywsgi."""
+
+    def __init__(self, service: Any, port: int, host: str = "0.0.0.0") -> None:
+        self.app = MetricsApp(service)
+        # log=None: a scrape every few seconds must not become a log line each time.
+        self.server = WSGIServer((host, port), self.app, log=None, error_log=log)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def start(self) -> MetricsServer:
+        self.server.start()
+        log.info("metrics and health on port %d: /metrics, /healthz", self.port)
+        return self
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        self.server.stop(timeout=timeout_s)

@@ -1,0 +1,142 @@
+"""Usage errors in one line: what is wrong with the command line, and a pointer to --help.
+
+docopt only says that the arguments do not match (with its own internal reprs, then the
+whole usage); ``usage_problem`` reads the arguments again to say which one is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: the actions of ``cache``
+CACHE_ACTIONS = ("list", "show", "stats", "clear")
+HELP_POINTER = "see 'exrate-service --help'"
+
+
+def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
+    """One line saying what is wrong with ``argv`` for the usage in ``doc``."""
+    flags, valued = _options(doc)
+    positionals: list[str] = []
+    given: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            positionals.extend(args)
+            break
+        if arg.startswith("-") and arg != "-":
+            name = arg.split("=", 1)[0]
+            known = _expand(name, flags | valued)
+            if known is None:
+                return f"unknown option {name!r}"
+            given.append(known)
+            if known in valued and "=" not in arg:
+                if next(args, None) is None:
+                    return f"{known} needs a value"
+            continue
+        positionals.append(arg)
+    return (_positional_problem(positionals, _commands(doc))
+            or _misplaced(doc, positionals, given) or _docopt_problem(docopt_message))
+
+
+def _usage_lines(doc: str) -> list[str]:
+    """The usage patterns of ``doc``, without the program name (continuations joined)."""
+    usage = doc.split("Usage:", 1)[-1].split("\n\n", 1)[0]
+    patterns: list[str] = []
+    for line in usage.strip().splitlines():
+        words = line.split()
+        if words and words[0] == "exrate-service":
+            patterns.append(" ".join(words[1:]))
+        elif patterns:
+            patterns[-1] += " " + " ".join(words)
+    return patterns
+
+
+def _commands(doc: str) -> list[str]:
+    """The commands of ``doc``'s usage (``demo``, ``cache``, ...), in order."""
+    return [line.split()[0] for line in _usage_lines(doc)
+            if line and line.split()[0].isalpha()]
+
+
+def _misplaced(doc: str, positionals: list[str], given: list[str]) -> str | None:
+    """An option that a usage line names explicitly, given to a command whose line does not.
+
+    (docopt's ``[options]`` covers only the options no usage line names.)
+    """
+    lines = _usage_lines(doc)
+    usage = " ".join(lines)
+    command = positionals[0] if positionals else None
+    mine = next((line for line in lines if command and line.startswith(command + " ")),
+                lines[0] if lines else "")
+    for option in given:
+        if option in usage and option not in mine:
+            where = f"'{command}'" if command else "the service itself (no command)"
+            return f"{option} is not an option of {where}"
+    return None
+
+
+def _positional_problem(positionals: list[str], commands: list[str]) -> str | None:
+    if not positionals:
+        return None
+    command, rest = positionals[0], positionals[1:]
+    if command not in commands:
+        return f"unknown command {command!r}: choose one of {', '.join(commands)}"
+    if command == "cache":
+        return _cache_problem(rest)
+    if command == "convert":
+        if len(rest) < 2:
+            return ("convert needs AMOUNT and CURRENCY, and takes an optional DATE "
+                    "(e.g. convert 253.67 USD 2021-05-18)")
+        if len(rest) > 3:
+            return f"convert takes AMOUNT CURRENCY [DATE]; unexpected {rest[3]!r}"
+        return None
+    if rest:
+        return f"{command} takes no argument {rest[0]!r}"
+    return None
+
+
+def _cache_problem(rest: list[str]) -> str | None:
+    actions = "list, show DAY, stats or clear"
+    if not rest:
+        return f"cache needs an action: {actions}"
+    action, extra = rest[0], rest[1:]
+    if action not in CACHE_ACTIONS:
+        return f"unknown cache action {action!r}: choose {actions}"
+    if action == "show" and not extra:
+        return "cache show needs a DAY (YYYY-MM-DD)"
+    allowed = 1 if action == "show" else 0
+    if len(extra) > allowed:
+        return f"cache {action}: unexpected {extra[allowed]!r}"
+    return None
+
+
+def _docopt_problem(message: str) -> str:
+    """docopt's own first line when it is meaningful (``--url requires argument``)."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    if first and not first.startswith(("Warning:", "Usage:")):
+        return first
+    return "these options do not go with this command"
+
+
+def _options(doc: str) -> tuple[set[str], set[str]]:
+    """The option names of ``doc``'s Options section: (flags, options taking a value)."""
+    section = doc.split("Options:", 1)[-1]
+    flags: set[str] = set()
+    valued: set[str] = set()
+    for line in section.splitlines():
+        line = line.strip()
+        if not line.startswith("-"):
+            continue  # a description's continuation
+        for name, value in re.findall(r"(--?[A-Za-z][\w-]*)(=\S+)?", line.split("  ")[0]):
+            (valued if value else flags).add(name)
+    return flags, valued
+
+
+def _expand(name: str, known: set[str]) -> str | None:
+    """``name`` as docopt reads it: exact, or an unambiguous prefix of a long option."""
+    if name in known:
+        return name
+    if name.startswith("--"):
+        matches = [k for k in known if k.startswith(name)]
+        if len(matches) == 1:
+            return matches[0]
+    return None
