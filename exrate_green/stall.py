@@ -52,6 +52,10 @@ class Progress:
     def heartbeat_turned(self):
         self.heartbeat_at = self.clock()
 
+    def reader_parked(self):
+        """The reader waits (for bytes, or for room): bounded elsewhere, not a stall."""
+        self.reader_waiting = True
+
     def reader_turned(self):
         self.reader_at = self.clock()
         self.reader_waiting = False
