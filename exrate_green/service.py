@@ -321,7 +321,9 @@ class Service:
                               peek=self.book.peek)
         for _ in range(result.heartbeats):
             session.on_heartbeat()
-        self._count(result)
+        self.stats.requests += result.requests
+        if result.errors or result.skipped or result.failures:
+            self._count_problems(result)
         if result.replies:
             self.deliver(result.replies)
             self.stats.record(self.clock() - started, len(result.replies))
@@ -332,9 +334,9 @@ class Service:
                 self.stats.skipped += 1
                 log.exception("could not hold request %r for its rate table", request.id)
 
-    def _count(self, result):
+    def _count_problems(self, result):
+        """Count the error replies and skipped messages of a step, and log the skipped."""
         stats = self.stats
-        stats.requests += result.requests
         for kind in result.errors:
             stats.error(kind)
         for what in result.skipped:

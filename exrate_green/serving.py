@@ -59,12 +59,13 @@ def step(events: Iterable[tuple[str, Any]], *, today: datetime.date, stamp: str,
     and ``peek`` the rate book's lookup in memory."""
     result = Step()
     replies, waiting, errors = result.replies, result.waiting, result.errors
+    parse, make_reply = protocol.parse, answer  # locals: this loop is the hot path
     for kind, data in events:
         if kind != "text":
             _refuse_frame(kind, data, today, result)
             continue
         try:
-            request = protocol.parse(data, today)
+            request = parse(data, today)
             if request is None:
                 result.heartbeats += 1
                 continue
@@ -73,7 +74,7 @@ def step(events: Iterable[tuple[str, Any]], *, today: datetime.date, stamp: str,
             if table is None:
                 waiting.append(request)
                 continue
-            replies.append(answer(request, table, stamp, errors))
+            replies.append(make_reply(request, table, stamp, errors))
         except ProtocolError as e:
             if e.request_id is None:
                 result.skipped.append(f"{e.reason}: {protocol.excerpt(data)}")
