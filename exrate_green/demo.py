@@ -5,20 +5,29 @@ Frankfurter and exchangerate.host (from the bundled ECB data), so every provider
 path runs with no network. The service runs in this process exactly as in production.
 """
 
+from __future__ import annotations
+
 import logging
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 
 from .service import Service
 
+if TYPE_CHECKING:
+    from .config import Settings
+    from .simulator import FakeRateApi
+
 log = logging.getLogger("exrate_green.demo")
 
 
-def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
+def run_demo(settings: Settings, *, duration_s: float | None = None, rate: float = 20.0,
+             out: Callable[[str], object] = print) -> int:
     """Run until ``duration_s`` seconds pass or SIGINT/SIGTERM; 0 if every reply was right."""
     from .runtime import Runtime
     from .simulator import FakeRateApi, Upstream
@@ -62,7 +71,8 @@ def run_demo(settings, *, duration_s=None, rate=20.0, out=print):
     return 0 if not report["invalid"] and not report["unanswered"] else 1
 
 
-def format_summary(report, service, rate_api, settings):
+def format_summary(report: dict, service: Service, rate_api: FakeRateApi,
+                   settings: Settings) -> str:
     stats = service.stats
     lines = [
         "",

@@ -14,6 +14,7 @@ import datetime
 import json
 import re
 from decimal import ROUND_HALF_UP, Context, Decimal, DecimalException
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -49,7 +50,7 @@ class Request:
     day: datetime.date
 
 
-def parse(data, today):
+def parse(data: bytes | str, today: datetime.date) -> Request | None:
     """A ``Request``, or ``None`` for a heartbeat; ``ProtocolError`` for anything else.
 
     ``data`` is the frame's text (bytes or str); ``today`` is the current UTC date, so
@@ -88,14 +89,14 @@ def parse(data, today):
     return Request(request_id, payload, stake, currency, day)
 
 
-def read_payload(payload, today):
+def read_payload(payload: dict, today: datetime.date) -> tuple[Decimal, str, datetime.date]:
     """(stake, currency, day) from a request payload, each validated."""
     return (read_stake(_field(payload, "stake")),
             read_currency(_field(payload, "currency")),
             read_day(_field(payload, "date"), today))
 
 
-def read_stake(value):
+def read_stake(value: Any) -> Decimal:
     kind = type(value)
     if kind is float:
         if value != value or value in (float("inf"), float("-inf")):
@@ -116,13 +117,13 @@ def read_stake(value):
     return stake
 
 
-def is_currency_code(value: object) -> bool:
+def is_currency_code(value: object) -> TypeGuard[str]:
     """True for exactly three ASCII capital letters: the one currency-code check, for
     requests and rate providers alike (``fullmatch``: "USD\n" is not one)."""
     return type(value) is str and CURRENCY_RE.fullmatch(value) is not None
 
 
-def read_currency(value):
+def read_currency(value: object) -> str:
     """The request's currency code, upper-cased ("usd" is USD); ProtocolError otherwise."""
     if type(value) is not str:
         raise ProtocolError(f"currency must be a string, got {_show(value)}")
@@ -132,7 +133,7 @@ def read_currency(value):
     return code
 
 
-def read_day(value, today):
+def read_day(value: object, today: datetime.date) -> datetime.date:
     """The UTC calendar day of an ISO 8601 / RFC 3339 date or timestamp (naive means UTC).
 
     RFC 3339 allows a lowercase ``t`` and ``z`` and a leap second (``23:59:60Z``); Python's
@@ -156,7 +157,7 @@ def read_day(value, today):
     return day
 
 
-def convert(stake, rate):
+def convert(stake: Decimal, rate: Decimal) -> Decimal:
     """EUR for ``stake`` at ``rate`` (units per EUR), ROUND_HALF_UP to 5 decimal places."""
     try:
         return _CONTEXT.quantize(_CONTEXT.divide(stake, rate), FIVE_PLACES)
@@ -164,7 +165,7 @@ def convert(stake, rate):
         raise ProtocolError(f"cannot convert {stake} at rate {rate}") from e
 
 
-def reply(request, stake_eur, timestamp):
+def reply(request: Request, stake_eur: Decimal, timestamp: str) -> bytes:
     """The success reply: the payload unchanged but for stake, currency and date."""
     payload = dict(request.payload)
     payload["stake"] = orjson.Fragment(str(stake_eur).encode())
@@ -177,7 +178,7 @@ def reply(request, stake_eur, timestamp):
         raise ProtocolError(UNECHOABLE) from None
 
 
-def error_reply(request_id, reason):
+def error_reply(request_id: object, reason: str) -> bytes:
     message = ERROR_PREFIX + reason
     try:
         return _exact(orjson.dumps({"type": "error", "id": request_id, "message": message}))
@@ -194,7 +195,7 @@ def _exact(data):
     return bytes(memoryview(data))
 
 
-def timestamp(moment):
+def timestamp(moment: datetime.datetime) -> str:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` for an aware or naive-UTC datetime."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(_UTC)
@@ -203,7 +204,7 @@ def timestamp(moment):
     return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
-def excerpt(data, limit=200):
+def excerpt(data: bytes | bytearray | memoryview | str, limit: int = 200) -> str:
     """A loggable, truncated view of a frame that could not be served."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         text = bytes(data[:limit]).decode("utf-8", "replace")
@@ -213,7 +214,7 @@ def excerpt(data, limit=200):
     return repr(text) + (f"... (+{more} bytes)" if more > 0 else "")
 
 
-def shown(data, limit=4096):
+def shown(data: bytes | bytearray | str, limit: int = 4096) -> str:
     """A frame for ``--show-messages``: its JSON text as received when that is one printable
     line (what the upstream sends), else the escaped ``excerpt`` (no forged log lines)."""
     if len(data) <= limit:

@@ -4,11 +4,18 @@
 so that none of them imports another to get it (no import cycles).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
+
 
 class Runtime:
     """The rate machinery a command needs, closed in reverse order of opening."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         from .cache import open_cache
         from .rates.book import RateBook
         from .rates.http import HttpClient
@@ -24,7 +31,7 @@ class Runtime:
                              http_timeout_s=settings.http_timeout_s,
                              concurrency=settings.fetch_concurrency)
 
-    def close(self):
+    def close(self) -> None:
         self.book.close()
         self.cache.close()
         self.http.close()  # the providers' one session

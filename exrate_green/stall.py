@@ -15,11 +15,18 @@ Progress lives in plain attributes of one ``Progress`` object, read by the threa
 iterating anything the greenlets mutate.
 """
 
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey
+
+if TYPE_CHECKING:
+    from .service import Service
 
 #: seconds past the shutdown grace after which the watchdog ends the process anyway
 STOP_MARGIN_S = 2.0
@@ -34,33 +41,33 @@ def _die(why):
 class Progress:
     """Stamps (``clock()`` seconds) of the loops the stall watchdog judges."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.hub_at = clock()
-        self.heartbeat_at = None  # None: no connection, nothing to judge
-        self.reader_at = None
+        self.heartbeat_at: float | None = None  # None: no connection, nothing to judge
+        self.reader_at: float | None = None
         self.reader_waiting = True
 
-    def session_started(self):
+    def session_started(self) -> None:
         self.heartbeat_at = self.reader_at = self.clock()
         self.reader_waiting = True
 
-    def session_ended(self):
+    def session_ended(self) -> None:
         self.heartbeat_at = self.reader_at = None
         self.reader_waiting = True
 
-    def heartbeat_turned(self):
+    def heartbeat_turned(self) -> None:
         self.heartbeat_at = self.clock()
 
-    def reader_parked(self):
+    def reader_parked(self) -> None:
         """The reader waits (for bytes, or for room): bounded elsewhere, not a stall."""
         self.reader_waiting = True
 
-    def reader_turned(self):
+    def reader_turned(self) -> None:
         self.reader_at = self.clock()
         self.reader_waiting = False
 
-    def stalled(self, now: float, limit_s: float):
+    def stalled(self, now: float, limit_s: float) -> tuple[str, float] | None:
         """(loop name, seconds) of a loop that made no progress for over ``limit_s``, or
         None. Reads each attribute once: greenlets may change them meanwhile."""
         hub_at, beat_at = self.hub_at, self.heartbeat_at
@@ -74,7 +81,8 @@ class Progress:
         return None
 
 
-def start_stall_watchdog(service, stall_exit_s: float, check_every_s: float = 1.0):
+def start_stall_watchdog(service: Service, stall_exit_s: float,
+                         check_every_s: float = 1.0) -> None:
     """A native thread that exits the process with code 3 when ``service.progress`` shows
     a wedge for over ``stall_exit_s`` seconds, while the service is not stopping.
 
@@ -97,7 +105,8 @@ def start_stall_watchdog(service, stall_exit_s: float, check_every_s: float = 1.
             sleep(check_every_s)
             now = progress.clock()
             if service.stopping:  # a backstop: the shutdown bounds itself well before
-                overdue_s = now - service.stop_deadline - STOP_MARGIN_S
+                # stop() sets stop_deadline before stopping; mypy cannot see that order
+                overdue_s = now - service.stop_deadline - STOP_MARGIN_S  # type: ignore[operator]
                 if overdue_s > 0 and not service.stopped.is_set():
                     _die(f"shutdown still running {STOP_MARGIN_S:.0f} s past its grace")
                 continue

@@ -73,6 +73,36 @@ def run_service(args, env, timeout_s=30):
                           capture_output=True, text=True, timeout=timeout_s)
 
 
+class ServiceProcess:
+    """``bin/exrate-service`` as a subprocess against ``url``, its output collected line by
+    line by a greenlet (so the pipe never fills and the test can read it at any time)."""
+
+    def __init__(self, tmp_path, url, **env):
+        self.lines = []
+        self.proc = start_service([], service_env(tmp_path, EXRATE_URL=url, **env))
+        self.reader = gevent.spawn(self._read)
+
+    def _read(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace"))
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def wait(self, timeout_s):
+        """Wait for the exit; (exit code, seconds waited)."""
+        started = time.monotonic()
+        code = self.proc.wait(timeout=timeout_s)
+        self.reader.join(timeout=5)
+        return code, time.monotonic() - started
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 #: A script (``python -c``) holding an exclusive SQLite lock on ARGV[1] for ARGV[2] seconds,
 #: as another process sharing the cache could; prints "locked" once it holds it.
 LOCKER = """

@@ -25,7 +25,7 @@ import pytest
 import exrate_green.rates.http  # noqa: F401  imported up front: importing requests is slow
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import running_service, service_env, start_service, wait_until
+from .support import ServiceProcess, running_service, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -180,39 +180,11 @@ def test_a_write_without_progress_for_the_send_timeout_abandons_the_link_and_los
           f"{report['duplicates']} duplicates")
 
 
-class Process:
-    """``bin/exrate-service`` as a subprocess, its output collected."""
-
-    def __init__(self, tmp_path, url, **env):
-        self.lines = []
-        self.proc = start_service([], service_env(tmp_path, EXRATE_URL=url, **env))
-        self.reader = gevent.spawn(self._read)
-
-    def _read(self):
-        for raw in iter(self.proc.stdout.readline, b""):
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-    def wait(self, timeout_s):
-        started = time.monotonic()
-        code = self.proc.wait(timeout=timeout_s)
-        self.reader.join(timeout=5)
-        return code, time.monotonic() - started
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def test_back_pressure_on_a_slow_rate_api_never_trips_the_stall_watchdog(tmp_path):
     stall_s = 1.0
     with FakeRateApi(latency_s=3.0) as api, Upstream(
             heartbeat_interval_s=0.2, request_rate=300, seed=9) as up:
-        service = Process(tmp_path, up.url, EXRATE_PROVIDER="frankfurter",
+        service = ServiceProcess(tmp_path, up.url, EXRATE_PROVIDER="frankfurter",
                           FRANKFURTER_URL=api.frankfurter_url, EXRATE_MAX_IN_FLIGHT=50,
                           EXRATE_STALL_EXIT=stall_s, EXRATE_HTTP_TIMEOUT=10,
                           EXRATE_HEARTBEAT_INTERVAL=0.2, EXRATE_HEARTBEAT_TIMEOUT=0.6)
@@ -234,7 +206,7 @@ def test_back_pressure_on_a_slow_rate_api_never_trips_the_stall_watchdog(tmp_pat
 def test_sigterm_against_a_peer_that_stopped_reading_exits_within_the_grace(tmp_path):
     grace_s, margin_s = 2.0, 1.0
     with Peer(heartbeat_s=0.2) as peer:
-        service = Process(tmp_path, peer.url, EXRATE_SHUTDOWN_GRACE=grace_s,
+        service = ServiceProcess(tmp_path, peer.url, EXRATE_SHUTDOWN_GRACE=grace_s,
                           EXRATE_HEARTBEAT_INTERVAL=0.2, EXRATE_HEARTBEAT_TIMEOUT=0.6)
         try:
             assert peer.wait_for(lambda r: r["connections"] == 1, 15)["connections"] == 1

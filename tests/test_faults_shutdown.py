@@ -14,14 +14,13 @@ API answers after 300 ms, so when SIGTERM comes, conversions are waiting for rat
 import datetime
 import re
 import signal
-import time
 
 import gevent
 import pytest
 
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import service_env, start_service
+from .support import ServiceProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
@@ -29,36 +28,11 @@ SUMMARY = re.compile(r"summary: requests=(\d+) replies=(\d+) .*redelivered=(\d+)
 IN_FLIGHT = re.compile(r"stopping: (\d+) conversion\(s\) in flight")
 
 
-class Running:
-    """The service process, its output collected line by line."""
-
-    def __init__(self, tmp_path, up, api, **env):
-        self.lines = []
-        self.proc = start_service([], service_env(
-            tmp_path, EXRATE_URL=up.url, EXRATE_PROVIDER="frankfurter",
-            FRANKFURTER_URL=api.frankfurter_url, EXRATE_HEARTBEAT_INTERVAL=0.2,
-            EXRATE_HEARTBEAT_TIMEOUT=0.6, **env))
-        self.reader = gevent.spawn(self._read)
-
-    def _read(self):
-        for raw in iter(self.proc.stdout.readline, b""):
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-    def wait(self, timeout_s):
-        t0 = time.monotonic()
-        code = self.proc.wait(timeout=timeout_s)
-        self.reader.join(timeout=5)
-        return code, time.monotonic() - t0
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
+def running(tmp_path, up, api, **env):
+    """The service process against ``up`` and ``api``, quick heartbeats."""
+    return ServiceProcess(tmp_path, up.url, EXRATE_PROVIDER="frankfurter",
+                          FRANKFURTER_URL=api.frankfurter_url, EXRATE_HEARTBEAT_INTERVAL=0.2,
+                          EXRATE_HEARTBEAT_TIMEOUT=0.6, **env)
 
 def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_path):
     # Dates over 10 years: the rate book fetches a month per call, so with 18 months (the
@@ -66,7 +40,7 @@ def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_pat
     with FakeRateApi(latency_s=0.3) as api, Upstream(
             heartbeat_interval_s=0.2, request_rate=300, seed=3,
             dates=(datetime.date(2011, 1, 1), datetime.date(2020, 12, 31))) as up:
-        service = Running(tmp_path, up, api)
+        service = running(tmp_path, up, api)
         try:
             assert up.wait_for_connections(1, 15), service.output
             gevent.sleep(2.0)  # load: cold days wait 300 ms for their table
@@ -97,7 +71,7 @@ def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_pat
 
 def test_a_conversion_past_the_grace_is_dropped_and_the_exit_is_on_time(tmp_path):
     with FakeRateApi() as api, Upstream(heartbeat_interval_s=0.2) as up:
-        service = Running(tmp_path, up, api, EXRATE_SHUTDOWN_GRACE=1, EXRATE_HTTP_TIMEOUT=20)
+        service = running(tmp_path, up, api, EXRATE_SHUTDOWN_GRACE=1, EXRATE_HTTP_TIMEOUT=20)
         try:
             assert up.wait_for_connections(1, 15), service.output
             api.fail_next(5, "hang")
@@ -122,7 +96,7 @@ def test_a_conversion_past_the_grace_is_dropped_and_the_exit_is_on_time(tmp_path
 
 def test_a_second_signal_exits_at_once(tmp_path):
     with FakeRateApi() as api, Upstream(heartbeat_interval_s=0.2) as up:
-        service = Running(tmp_path, up, api, EXRATE_SHUTDOWN_GRACE=30, EXRATE_HTTP_TIMEOUT=20)
+        service = running(tmp_path, up, api, EXRATE_SHUTDOWN_GRACE=30, EXRATE_HTTP_TIMEOUT=20)
         try:
             assert up.wait_for_connections(1, 15), service.output
             api.fail_next(5, "hang")

@@ -12,6 +12,7 @@ import sys
 import time
 import tomllib
 
+import gevent
 import psutil
 import pytest
 from packaging.markers import Marker
@@ -109,8 +110,12 @@ def installed(tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("install")
     checkout = base / "checkout"
-    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.egg-info", "build", ".mypy_cache", ".ruff_cache"))
+    # Not the venvs (.ci/run keeps one per Python version in the checkout) nor other dev
+    # folders; and on gevent's threadpool: a file copy never yields to the hub.
+    gevent.get_hub().threadpool.apply(shutil.copytree, (ROOT, checkout), {
+        "ignore": shutil.ignore_patterns(
+            ".git", ".venv*", ".autobahn", "bench-results", "__pycache__", "*.egg-info",
+            "build", ".mypy_cache", ".ruff_cache", ".pytest_cache")})
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     purelib = subprocess.run(

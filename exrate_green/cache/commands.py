@@ -5,19 +5,26 @@ Memory is per process and gone with it, so the tiers shown are disk and, when
 the others are still shown.
 """
 
+from __future__ import annotations
+
 import datetime
 import json
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import CacheError, ConfigError, ExrateError
 from .disk import TableCache
 from .redis import RedisTier
 
+if TYPE_CHECKING:
+    from ..config import Settings
+
 ACTIONS = ("list", "show", "stats", "clear")
 
 
-def run_cache_command(settings, action: str, day=None, as_json: bool = False,
-                      out=None) -> int:
+def run_cache_command(settings: Settings, action: str,
+                      day: str | datetime.date | None = None, as_json: bool = False,
+                      out: TextIO | None = None) -> int:
     """Run ``exrate-service cache ACTION``; returns the exit code.
 
     ``out`` defaults to ``sys.stdout`` (looked up at call time). 0 on success, 2 for a bad

@@ -22,10 +22,12 @@ is the disk tier under it, ``tiers.TieredCache`` puts Redis below it.
 """
 
 import contextlib
+import datetime
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +61,23 @@ class JsonDisk(diskcache.Disk):
     reading one is ``UnsafeRow``, so a row planted by another writer is refused unread.
     """
 
-    def put(self, key):
+    def put(self, key: object) -> tuple[object, bool]:
         if type(key) is not str:
             raise TypeError(f"cache keys are strings, not {type(key).__name__}")
         return super().put(key)
 
-    def get(self, key, raw):
+    def get(self, key: object, raw: bool) -> object:
         if not raw:
             raise UnsafeRow("pickled key refused")
         return super().get(key, raw)
 
-    def store(self, value, read, key=diskcache.UNKNOWN):
+    def store(self, value: object, read: bool,
+              key: object = diskcache.UNKNOWN) -> tuple[int, int, str | None, object]:
         if type(value) is not str or read:
             raise TypeError(f"cache values are JSON text, not {type(value).__name__}")
         return super().store(value, read, key)
 
-    def fetch(self, mode, filename, value, read):
+    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
         # MODE_RAW holds short text in the row, MODE_TEXT long text in a file beside it;
         # both are read as text. Pickles and bytes are refused without being read.
         if mode == diskcache.core.MODE_RAW and type(value) is str:
@@ -131,7 +134,7 @@ def _returning_failure(fn, *args):
         return e, None
 
 
-def table_key(provider: str, day) -> str:
+def table_key(provider: str, day: datetime.date) -> str:
     """The cache key of one provider's table for one day: ``"ecb/2021-05-18"``."""
     return f"{provider}/{day.isoformat()}"
 
@@ -156,8 +159,8 @@ class TableCache:
 
     name = "disk"
 
-    def __init__(self, directory, ttl_s: float, *, stale_s: float = 0.0,
-                 timeout_s: float = 1.0, wait_s: float = 5.0):
+    def __init__(self, directory: str | os.PathLike[str], ttl_s: float, *,
+                 stale_s: float = 0.0, timeout_s: float = 1.0, wait_s: float = 5.0) -> None:
         self.directory = Path(directory).expanduser().absolute()
         self.ttl_s = float(ttl_s)
         self.stale_s = float(stale_s)
@@ -181,13 +184,13 @@ class TableCache:
         return str(self.directory)
 
     @property
-    def enabled(self):
+    def enabled(self) -> bool:
         """True once ``open`` succeeded and until ``close``; else every get is a miss."""
         return self._enabled
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def open(self):
+    def open(self) -> None:
         """Open (creating the directory) in the disk thread; never raises for disk trouble.
 
         A corrupt database is moved aside to ``<directory>.corrupt-<UTC timestamp>`` with
@@ -201,7 +204,7 @@ class TableCache:
             self._pool = ThreadPool(1)
         self._enabled = self._pool.spawn(self._open).get()
 
-    def close(self):
+    def close(self) -> None:
         """Close the database connection and stop the disk thread. Idempotent."""
         self._enabled = False
         pool, self._pool = self._pool, None
@@ -216,7 +219,7 @@ class TableCache:
 
     # -- the service's path: greenlets, never an exception -------------------------------
 
-    def get(self, provider: str, day) -> RateTable | None:
+    def get(self, provider: str, day: datetime.date) -> RateTable | None:
         """The cached table of ``provider`` for ``day`` (a ``datetime.date``), or ``None``.
 
         A table is returned while it is kept (``ttl_s + stale_s`` after its fetch; the
@@ -239,7 +242,7 @@ class TableCache:
         """
         return bool(self._call("write", self._write, table))
 
-    def put_many(self, tables) -> int:
+    def put_many(self, tables: Iterable[RateTable]) -> int:
         """Store every table of ``tables`` in one transaction (one trip to the disk
         thread); returns how many were written (0 if the write failed, logged)."""
         tables = list(tables)
@@ -265,21 +268,21 @@ class TableCache:
 
     # -- inspection, for the CLI: may block, raises CacheError ----------------------------
 
-    def entries(self):
+    def entries(self) -> list[dict[str, Any]]:
         """One dict per live table: provider, day, published (ISO dates), currencies (count),
         fetched_at (epoch seconds), expires_in_s (seconds, None if it never expires)."""
         return self._inspect(self._entries)
 
-    def tables_for(self, day):
+    def tables_for(self, day: datetime.date) -> list[RateTable]:
         """Every live cached table for ``day``, one per provider, sorted by provider."""
         return self._inspect(self._tables_for, day)
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """directory, entries (live tables), bytes (disk volume), hits and misses (diskcache's
         persistent counters, shared by every process using the directory)."""
         return self._inspect(self._stats)
 
-    def clear(self):
+    def clear(self) -> int:
         """Remove every table; returns how many rows were removed."""
         return self._inspect(self._clear)
 

@@ -18,6 +18,8 @@ the flight is granted. A second fetch costs one API call; a refused flight nobod
 would cost every request for that table until the lock expired.
 """
 
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import logging
@@ -26,6 +28,10 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .redis import RedisTier
 
 log = logging.getLogger("exrate_green.cache")
 
@@ -48,7 +54,8 @@ class Flights:
     ``led`` and ``followed`` count flights this process was granted and refused.
     """
 
-    def __init__(self, directory, redis=None, *, ttl_s: float = 15.0):
+    def __init__(self, directory: str | os.PathLike[str], redis: RedisTier | None = None, *,
+                 ttl_s: float = 15.0) -> None:
         self.directory = Path(directory).expanduser().absolute() / "flights"
         self.redis = redis
         self.ttl_s = float(ttl_s)
@@ -77,8 +84,8 @@ class Flights:
             try:
                 yield True
             finally:
-                if taken:
-                    self.redis.release(name, token)
+                if taken:  # only a Redis tier says True
+                    self.redis.release(name, token)  # type: ignore[union-attr]
         finally:
             if fd is not None:
                 os.close(fd)  # closing the descriptor drops the flock

@@ -20,10 +20,11 @@ Why the shape:
   password replaced by ``***`` and redacts it from every text it produces.
 """
 
+import datetime
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import gevent
 import redis
@@ -188,7 +189,7 @@ class RedisTier:
 
     # -- the service's path: greenlets, bounded, never an exception ----------------------
 
-    def get(self, provider: str, day) -> RateTable | None:
+    def get(self, provider: str, day: datetime.date) -> RateTable | None:
         """The table of ``provider`` for ``day`` while kept, else None (a failure too)."""
         key = table_key(provider, day)
         text = self._call("read", self._get_counted, [self._key(key), self._stats_key])
@@ -203,7 +204,7 @@ class RedisTier:
         """Store ``table`` until ``ttl_s + stale_s`` after its fetch; True when written."""
         return self.put_many([table]) == 1
 
-    def put_many(self, tables) -> int:
+    def put_many(self, tables: Iterable[RateTable]) -> int:
         """Store ``tables`` in one round trip (a pipeline); how many were written."""
         now = time.time()
         keep = [(t, int((t.fetched_at + self.keep_s - now) * 1000)) for t in tables]
@@ -330,7 +331,7 @@ class RedisTier:
                          "expires_in_s": None if pttl < 0 else pttl / 1000})
         return rows
 
-    def tables_for(self, day) -> list:
+    def tables_for(self, day: datetime.date) -> list[RateTable]:
         """Every kept table for ``day``, one per provider, sorted by provider."""
         suffix = "/" + day.isoformat()
         found = self._inspect(self._scan_tables, suffix)

@@ -11,8 +11,13 @@ side by side, so at most the larger of the two; ``flight`` takes at most one Red
 ``deadline_s`` on entry and one on exit.
 """
 
+from __future__ import annotations
+
 import contextlib
+import datetime
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.pool import Group
@@ -21,6 +26,9 @@ from ..rates.table import RateTable
 from .disk import TableCache
 from .flight import Flights
 from .redis import RedisTier
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger("exrate_green.cache")
 
@@ -67,7 +75,7 @@ class TieredCache:
 
     # -- the rate book's interface -------------------------------------------------------
 
-    def get(self, provider: str, day) -> RateTable | None:
+    def get(self, provider: str, day: datetime.date) -> RateTable | None:
         """Any kept table of ``provider`` for ``day``, searching disk then Redis; a Redis
         hit is copied to disk. None when no tier holds one (or every tier failed)."""
         for depth, tier in enumerate(self.tiers):
@@ -84,7 +92,7 @@ class TieredCache:
         """Write ``table`` to every tier at once; True if at least one tier kept it."""
         return self.put_many([table]) == 1
 
-    def put_many(self, tables) -> int:
+    def put_many(self, tables: Iterable[RateTable]) -> int:
         """Write ``tables`` (e.g. a month of days) to every tier, each tier in one trip,
         the tiers side by side; returns how many tables the best tier kept."""
         tables = list(tables)
@@ -134,7 +142,7 @@ class TieredCache:
             self._copies.spawn(tier.put, table)
 
 
-def open_cache(settings) -> TieredCache:
+def open_cache(settings: Settings) -> TieredCache:
     """The tiered cache ``settings`` describe, disk opened: ``cache_dir`` kept for
     ``cache_ttl_s + stale_if_error_s``, and Redis when ``redis_url`` is set."""
     disk = TableCache(settings.cache_dir, settings.cache_ttl_s,

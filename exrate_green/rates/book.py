@@ -17,18 +17,25 @@ A currency missing from a provider's table is looked up in the next provider's t
 the same day (``currency=`` on ``peek``/``get``).
 """
 
+from __future__ import annotations
+
 import collections
+import datetime
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import AsyncResult
 
 from ..errors import DateOutOfRange, RateError, RateUnavailable
 from .breaker import CircuitBreaker
-from .lane import ProviderLane
+from .lane import ProviderLane, RateCache
 from .table import FIRST_DAY, RateTable
+
+if TYPE_CHECKING:
+    from .providers import Provider
 
 log = logging.getLogger("exrate_green.rates")
 
@@ -70,10 +77,11 @@ class RateBook:
     ``lanes`` maps provider name to its ``ProviderLane`` (counters and breaker, for metrics).
     """
 
-    def __init__(self, providers, cache, *, ttl_s: float, stale_s: float = 0.0,
+    def __init__(self, providers: Provider | Sequence[Provider], cache: RateCache, *,
+                 ttl_s: float, stale_s: float = 0.0,
                  http_timeout_s: float = 5.0, wait_s: float | None = None,
                  concurrency: int = 8, max_hot: int = MAX_HOT,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time) -> None:
         providers = providers if isinstance(providers, Sequence) else [providers]
         self.cache = cache
         self.ttl_s = ttl_s
@@ -95,7 +103,7 @@ class RateBook:
         self._slow_logged_at = float("-inf")
 
     @property
-    def provider(self):
+    def provider(self) -> Provider:
         """The first provider of the chain."""
         return next(iter(self.lanes.values())).provider
 
@@ -115,7 +123,7 @@ class RateBook:
 
     # -- the reader's side: never yields --------------------------------------------------
 
-    def peek(self, day, currency: str | None = None) -> RateTable | None:
+    def peek(self, day: datetime.date, currency: str | None = None) -> RateTable | None:
         """A table for ``day`` in memory that needs no lookup, else ``None``. Never yields,
         no I/O.
 
@@ -152,7 +160,7 @@ class RateBook:
 
     # -- the waiting side -----------------------------------------------------------------
 
-    def get(self, day, currency: str | None = None) -> RateTable:
+    def get(self, day: datetime.date, currency: str | None = None) -> RateTable:
         """The table for ``day`` (one that quotes ``currency`` if a provider has one),
         waiting at most ``wait_s``; a ``RateError`` with ``.reason`` if none can be had."""
         table = self.peek(day, currency)

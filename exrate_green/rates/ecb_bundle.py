@@ -8,6 +8,7 @@ wants the published decimal strings. The file is indexed once, on first use, int
 
 import bisect
 import datetime
+import os
 import time
 import zipfile
 from decimal import Decimal, InvalidOperation
@@ -32,7 +33,7 @@ class EcbBundle:
 
     name = "ecb"
 
-    def __init__(self, path=None):
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._path = path
         # A native lock: load() runs in gevent's threadpool, and a monkey-patched
         # threading.Lock is gevent's, which a pool thread must not wait on.
@@ -41,7 +42,7 @@ class EcbBundle:
         self._rows: dict[datetime.date, str] | None = None  # the raw CSV rows; None: not loaded
         self._days: list[datetime.date] = []  # sorted dates with a publication (once loaded)
 
-    def load(self):
+    def load(self) -> None:
         with self._lock:
             if self._rows is not None:
                 return
@@ -62,18 +63,18 @@ class EcbBundle:
             self._header, self._days, self._rows = header, sorted(rows), rows
 
     @property
-    def last_day(self):
+    def last_day(self) -> datetime.date:
         """The last publication in the bundle."""
         self.load()
         return self._days[-1]
 
-    def publications(self, first, last):
+    def publications(self, first: datetime.date, last: datetime.date) -> list[datetime.date]:
         """The publication days from ``first`` to ``last``, both included, in order."""
         self.load()
         return self._days[bisect.bisect_left(self._days, first):
                           bisect.bisect_right(self._days, last)]
 
-    def table(self, day):
+    def table(self, day: datetime.date) -> RateTable:
         """The table valid on ``day``: its publication or the latest earlier one.
 
         Raises ``DateOutOfRange`` before 1999-01-04 or after the bundle's last publication

@@ -11,12 +11,14 @@ and ``info`` may repeat the request URL, access key included.
 
 import datetime
 import time
+from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from typing import Any
 
 from ..errors import DateOutOfRange, RateUnavailable
 from ..redact import redact
 from .breaker import ProviderRefused
-from .http import as_day, is_currency_code, parse_day, to_rate, utc_today
+from .http import HttpClient, as_day, is_currency_code, parse_day, to_rate, utc_today
 from .table import FIRST_DAY, RateTable
 
 #: Cross rates are computed in this context, not the thread's (which any code may change):
@@ -42,8 +44,9 @@ class ExchangerateHostProvider:
     returns the current UTC day (a clock for tests).
     """
 
-    def __init__(self, http, base_url, access_key, name="exchangerate.host", *,
-                 today=utc_today):
+    def __init__(self, http: HttpClient, base_url: str, access_key: str,
+                 name: str = "exchangerate.host", *,
+                 today: Callable[[], datetime.date] = utc_today) -> None:
         if not access_key:
             raise ValueError("exchangerate.host needs an access key")
         self.http = http
@@ -55,18 +58,18 @@ class ExchangerateHostProvider:
     def __repr__(self):
         return f"<{type(self).__name__} {self.base_url} access_key=***>"
 
-    def needs_cache(self, day):
+    def needs_cache(self, day: datetime.date) -> bool:
         """Always: every answer costs a network call (and the plan's quota)."""
         return True
 
-    def fetch_key(self, day):
+    def fetch_key(self, day: datetime.date) -> str:
         """One call per day: the API has no range endpoint on the free plan."""
         return as_day(day).isoformat()
 
-    def fetch_tables(self, key, **http):
+    def fetch_tables(self, key: str, **http: Any) -> list[RateTable]:
         return [self.fetch(datetime.date.fromisoformat(key), **http)]
 
-    def fetch(self, day, **http):
+    def fetch(self, day: datetime.date, **http: Any) -> RateTable:
         """The table valid on ``day`` (a ``datetime.date``, UTC).
 
         Raises ``DateOutOfRange`` before 1999-01-04 and ``RateUnavailable`` for any failure
@@ -84,7 +87,7 @@ class ExchangerateHostProvider:
                                          "date": day.isoformat()}, **http)
         return self._table(day, answer)
 
-    def close(self):
+    def close(self) -> None:
         self.http.close()
 
     def _table(self, day, answer):
@@ -118,7 +121,7 @@ class ExchangerateHostProvider:
         return redact(why, (self._access_key,))
 
 
-def cross_rates(source, quotes):
+def cross_rates(source: str, quotes: dict) -> dict[str, Decimal]:
     """Units of each currency per 1 EUR from ``quotes[source + X]`` = units of X per 1 source.
 
     X per EUR = ``quotes[source+X] / quotes[source+EUR]``; the source itself is

@@ -12,10 +12,12 @@ import bisect
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 from ..errors import DateOutOfRange, RateUnavailable
-from .http import as_day, is_currency_code, parse_day, to_rate, utc_today
+from .http import HttpClient, as_day, is_currency_code, parse_day, to_rate, utc_today
 from .table import FIRST_DAY, RateTable
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,18 @@ class FrankfurterProvider:
     asked of ``/latest``, because a dated query for a day not yet published is refused.
     """
 
-    def __init__(self, http, base_url, name="frankfurter", *, today=utc_today):
+    def __init__(self, http: HttpClient, base_url: str, name: str = "frankfurter", *,
+                 today: Callable[[], datetime.date] = utc_today) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.name = name
         self._today = today
 
-    def needs_cache(self, day):
+    def needs_cache(self, day: datetime.date) -> bool:
         """Always: every answer costs a network call."""
         return True
 
-    def fetch_key(self, day):
+    def fetch_key(self, day: datetime.date) -> str:
         """What one call fetches for ``day``: its month (``"2021-05"``) for a past day,
         the day itself (``"2021-05-18"``) for today, later days and days before 1999."""
         day = as_day(day)
@@ -52,14 +55,14 @@ class FrankfurterProvider:
             return f"{day.year:04d}-{day.month:02d}"
         return day.isoformat()
 
-    def fetch_tables(self, key, **http):
+    def fetch_tables(self, key: str, **http: Any) -> list[RateTable]:
         """The tables ``fetch_key`` promised for ``key``: a past month's (the current
         month's up to yesterday), or one day's. ``http`` goes to ``HttpClient.get_json``."""
         if len(key) == 7:
             return self.fetch_month(int(key[:4]), int(key[5:]), **http)
         return [self.fetch(datetime.date.fromisoformat(key), **http)]
 
-    def fetch(self, day, **http):
+    def fetch(self, day: datetime.date, **http: Any) -> RateTable:
         """The table valid on ``day`` (a ``datetime.date``, UTC).
 
         Raises ``DateOutOfRange`` before 1999-01-04 (without asking: the API has nothing
@@ -73,7 +76,7 @@ class FrankfurterProvider:
         answer = self.http.get_json(f"{self.base_url}/{path}", {"base": "EUR"}, **http)
         return self._table(day, answer, latest)
 
-    def fetch_month(self, year, month, **http):
+    def fetch_month(self, year: int, month: int, **http: Any) -> list[RateTable]:
         """A table for every day of the month (up to yesterday), from ONE range call.
 
         Weekends and holidays get the latest earlier publication; a day with none in the
@@ -102,7 +105,7 @@ class FrankfurterProvider:
                                     rates=orphan.rates, fetched_at=now))
         return tables
 
-    def close(self):
+    def close(self) -> None:
         self.http.close()
 
     def _table(self, day, answer, latest):
@@ -151,7 +154,7 @@ def _days(first, last):
         yield first + datetime.timedelta(days=n)
 
 
-def euro_rates(raw, source):
+def euro_rates(raw: dict, source: str) -> dict[str, Decimal]:
     """``{code: Decimal}`` from a JSON ``rates`` object, plus ``"EUR": 1``.
 
     An entry that is not a three-letter code with a positive number is left out with a

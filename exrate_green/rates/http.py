@@ -10,6 +10,8 @@ Also here: the small helpers every provider shares (the UTC day, a day as a URL 
 JSON number as a rate).
 """
 
+from __future__ import annotations
+
 import datetime
 import json
 import logging
@@ -17,7 +19,9 @@ import math
 import random
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import requests
@@ -28,6 +32,9 @@ from .. import __version__
 from ..errors import RateUnavailable
 from ..protocol import is_currency_code  # noqa: F401  the one validator, for the providers
 from ..redact import redact
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ MAX_DETAIL_CHARS = 160
 class HttpError(RateUnavailable):
     """The API answered with an HTTP error status (``status``, an int) that is not retried."""
 
-    def __init__(self, why, status):
+    def __init__(self, why: str, status: int) -> None:
         super().__init__(why)
         self.status = status
 
@@ -78,7 +85,7 @@ class HttpClient:
     keep out of every message (``access_key``). Safe to share between greenlets.
     """
 
-    def __init__(self, settings, *, pool_size=None):
+    def __init__(self, settings: Settings, *, pool_size: int | None = None) -> None:
         self.timeout_s = settings.http_timeout_s
         self.connect_timeout_s = settings.http_connect_timeout_s
         self.verify = settings.ca_file or True
@@ -88,7 +95,9 @@ class HttpClient:
         #: HTTP requests sent (every attempt, retries included), by this client
         self.attempts = 0
 
-    def get_json(self, url, params=None, *, on_attempt=None, may_retry=None):
+    def get_json(self, url: str, params: Mapping[str, str] | None = None, *,
+                 on_attempt: Callable[[], object] | None = None,
+                 may_retry: Callable[[], bool] | None = None) -> Any:
         """The JSON answer of ``GET url?params``, decoded with floats as ``Decimal``.
 
         Retries 429, 5xx and connection failures with exponential backoff, honouring a
@@ -111,14 +120,14 @@ class HttpClient:
         finally:
             timeout.close()
 
-    def close(self):
+    def close(self) -> None:
         """Close the pooled connections; idempotent."""
         self.session.close()
 
-    def __enter__(self):
+    def __enter__(self) -> HttpClient:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def _get_with_retries(self, url, params, deadline, on_attempt, may_retry):
@@ -207,7 +216,7 @@ class HttpClient:
         return f": {redact(text, self.secrets)}"
 
 
-def pool_size_for(settings):
+def pool_size_for(settings: Settings) -> int:
     """Pooled connections per API host: one per fetcher greenlet of every provider in the
     chain (several providers may share a host), so no fetch ever waits for a connection."""
     return max(settings.fetch_concurrency * len(settings.providers), 1)
@@ -282,12 +291,12 @@ def _refuse_constant(name):
 
 # --- shared by the providers ---------------------------------------------------------
 
-def utc_today():
+def utc_today() -> datetime.date:
     """Today's date in UTC: the day whose rate ``latest``/``live`` endpoints give."""
     return datetime.datetime.now(datetime.UTC).date()
 
 
-def as_day(day):
+def as_day(day: datetime.date) -> datetime.date:
     """``day`` as a plain ``datetime.date`` (a ``datetime`` loses its time), else TypeError.
 
     Only a real date reaches a URL: its ``isoformat()`` is ``YYYY-MM-DD`` and nothing else.
@@ -299,7 +308,7 @@ def as_day(day):
     raise TypeError(f"a datetime.date is needed, not {type(day).__name__}")
 
 
-def to_rate(value):
+def to_rate(value: object) -> Decimal | None:
     """A JSON number as a positive finite ``Decimal``, or ``None`` if it is not one."""
     if isinstance(value, bool):
         return None
@@ -310,7 +319,7 @@ def to_rate(value):
     return rate if rate.is_finite() and rate > 0 else None
 
 
-def parse_day(value):
+def parse_day(value: object) -> datetime.date | None:
     """A ``YYYY-MM-DD`` string as a date, or ``None``."""
     try:
         return datetime.date.fromisoformat(value) if isinstance(value, str) else None

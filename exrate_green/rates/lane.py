@@ -13,11 +13,15 @@ same tables finds them when the flight ends. No fetched table is thrown away: a 
 waiters gave up still fills memory and the cache.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
+import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.queue
@@ -27,6 +31,19 @@ from gevent.pool import Group
 from ..errors import DateOutOfRange, RateError, RateUnavailable
 from .breaker import CircuitBreaker, ProviderDown
 from .table import RateTable
+
+if TYPE_CHECKING:
+    from .providers import Provider
+
+
+class RateCache(Protocol):
+    """What the rate book and its lanes ask of the cache (``cache.TieredCache`` is one)."""
+
+    def get(self, provider: str, day: datetime.date) -> RateTable | None: ...
+
+    def put_many(self, tables: Iterable[RateTable]) -> int: ...
+
+    def flight(self, provider: str, key: str) -> contextlib.AbstractContextManager[bool]: ...
 
 log = logging.getLogger("exrate_green.rates")
 
@@ -62,9 +79,10 @@ class ProviderLane:
     ``CircuitBreaker`` (``state``, ``retry_in_s()``, ``opened``).
     """
 
-    def __init__(self, provider, cache, *, concurrency: int, budget_s: float,
-                 clock: Callable[[], float], on_tables: Callable[[list], None],
-                 fresh: Callable[[RateTable], bool], breaker: CircuitBreaker | None = None):
+    def __init__(self, provider: Provider, cache: RateCache, *, concurrency: int,
+                 budget_s: float, clock: Callable[[], float], on_tables: Callable[[list], None],
+                 fresh: Callable[[RateTable], bool],
+                 breaker: CircuitBreaker | None = None) -> None:
         self.provider = provider
         self.name = provider.name
         self.cache = cache
@@ -91,7 +109,7 @@ class ProviderLane:
 
     # -- the book's side ----------------------------------------------------------------
 
-    def submit(self, day) -> Job:
+    def submit(self, day: datetime.date) -> Job:
         """The job that will fetch ``day``'s table, queued if none is; ``ProviderDown``
         at once (no call, no queue) while the breaker is open."""
         self.breaker.check()
@@ -105,7 +123,7 @@ class ProviderLane:
         job.days.add(day)
         return job
 
-    def pending(self, day) -> Job | None:
+    def pending(self, day: datetime.date) -> Job | None:
         """The job queued or running that will bring ``day``'s table, if there is one."""
         return self.jobs.get(self.provider.fetch_key(day))
 

@@ -7,7 +7,11 @@ cheaper than the cache), ``fetch_key(day) -> str`` (what one call fetches: a day
 (the tables of that call; ``http`` are ``HttpClient.get_json`` options) and ``close()``.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 import gevent.lock
@@ -18,6 +22,26 @@ from .ecb_bundle import EcbBundle
 from .exchangerate_host import ExchangerateHostProvider
 from .frankfurter import FrankfurterProvider
 from .http import HttpClient, as_day
+from .table import RateTable
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+
+class Provider(Protocol):
+    """What the rate book asks of a provider (the module docstring says what each does)."""
+
+    name: str
+
+    def needs_cache(self, day: datetime.date) -> bool: ...
+
+    def fetch(self, day: datetime.date, **http: Any) -> RateTable: ...
+
+    def fetch_key(self, day: datetime.date) -> str: ...
+
+    def fetch_tables(self, key: str, **http: Any) -> list[RateTable]: ...
+
+    def close(self) -> None: ...
 
 
 class EcbProvider:
@@ -31,7 +55,7 @@ class EcbProvider:
 
     name = "ecb"
 
-    def __init__(self, bundle, frankfurter):
+    def __init__(self, bundle: EcbBundle, frankfurter: FrankfurterProvider) -> None:
         self.bundle = bundle
         self.frankfurter = frankfurter
         self._loaded = False
@@ -39,16 +63,16 @@ class EcbProvider:
         self._loading = gevent.lock.Semaphore()
 
     @property
-    def last_day(self):
+    def last_day(self) -> datetime.date:
         """The bundle's last publication (loads the bundle on first use)."""
         self._load()
         return self.bundle.last_day
 
-    def needs_cache(self, day):
+    def needs_cache(self, day: datetime.date) -> bool:
         """False for days the bundle covers: reading them is cheaper than the cache."""
         return as_day(day) > self.last_day
 
-    def fetch(self, day, **http):
+    def fetch(self, day: datetime.date, **http: Any) -> RateTable:
         """The table valid on ``day``: ``DateOutOfRange`` before 1999-01-04,
         ``RateUnavailable`` when a day after the bundle cannot be fetched."""
         day = as_day(day)
@@ -56,18 +80,18 @@ class EcbProvider:
             return self.bundle.table(day)
         return dataclasses.replace(self.frankfurter.fetch(day, **http), provider=self.name)
 
-    def fetch_key(self, day):
+    def fetch_key(self, day: datetime.date) -> str:
         """As Frankfurter's (a past month in one range call); only asked for days after
         the bundle."""
         return self.frankfurter.fetch_key(day)
 
-    def fetch_tables(self, key, **http):
+    def fetch_tables(self, key: str, **http: Any) -> list[RateTable]:
         """Frankfurter's tables for ``key`` after the bundle's end, labelled "ecb"."""
         last_day = self.last_day
         return [dataclasses.replace(table, provider=self.name)
                 for table in self.frankfurter.fetch_tables(key, **http) if table.day > last_day]
 
-    def close(self):
+    def close(self) -> None:
         self.frankfurter.close()
 
     def _load(self):
@@ -81,7 +105,8 @@ class EcbProvider:
                 self._loaded = True
 
 
-def make_providers(settings, http=None, *, bundle=None):
+def make_providers(settings: Settings, http: HttpClient | None = None, *,
+                   bundle: EcbBundle | None = None) -> list[Provider]:
     """The provider chain ``settings.provider`` names, in order ("exchangerate.host,ecb").
 
     All share ``http`` (an ``HttpClient``, else one made from ``settings``): one session,
@@ -93,7 +118,8 @@ def make_providers(settings, http=None, *, bundle=None):
     return [_make_one(name, settings, http, bundle) for name in settings.providers]
 
 
-def make_provider(settings, http=None, *, bundle=None):
+def make_provider(settings: Settings, http: HttpClient | None = None, *,
+                  bundle: EcbBundle | None = None) -> Provider:
     """The first provider of the chain ``settings.provider`` names (see ``make_providers``);
     ``provider.close()`` closes ``http``."""
     return make_providers(settings, http, bundle=bundle)[0]

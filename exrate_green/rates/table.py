@@ -4,6 +4,7 @@ import dataclasses
 import datetime
 import json
 from decimal import Decimal, InvalidOperation
+from typing import Self
 
 from ..errors import UnsupportedCurrency
 
@@ -25,14 +26,14 @@ class RateTable:
     rates: dict  # str -> Decimal, always with "EUR": Decimal(1)
     fetched_at: float
 
-    def rate(self, currency):
+    def rate(self, currency: str) -> Decimal:
         """Units of ``currency`` per EUR, or ``UnsupportedCurrency``."""
         try:
             return self.rates[currency]
         except KeyError:
             raise UnsupportedCurrency(currency) from None
 
-    def to_json(self):
+    def to_json(self) -> str:
         """JSON text (never a pickle): rates as decimal strings so nothing is rounded."""
         return json.dumps({
             "provider": self.provider,
@@ -43,7 +44,7 @@ class RateTable:
         }, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text):
+    def from_json(cls, text: str | bytes) -> Self:
         """Inverse of ``to_json``; ``ValueError`` for anything malformed."""
         try:
             data = json.loads(text)

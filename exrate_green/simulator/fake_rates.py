@@ -14,6 +14,8 @@ real one; Frankfurter, like the real one, does not. A wrong access key is answer
 careless real APIs do: the error text repeats the request URL, key included.
 """
 
+from __future__ import annotations
+
 import collections
 import datetime
 import json
@@ -21,6 +23,7 @@ import logging
 import typing
 import urllib.parse
 import wsgiref.util
+from collections.abc import Mapping
 from decimal import Context, Decimal
 
 import gevent
@@ -73,8 +76,9 @@ class FakeRateApi:
     endpoint (``ENDPOINTS``), ``max_concurrent`` the most requests in progress at once.
     """
 
-    def __init__(self, host="127.0.0.1", port=0, *, latency_s=0.0, extra_rates=None,
-                 access_key=None, bundle=None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency_s: float = 0.0,
+                 extra_rates: Mapping[str, Decimal] | None = None,
+                 access_key: str | None = None, bundle: EcbBundle | None = None) -> None:
         self.host, self.port = host, port
         self.latency_s = latency_s
         self.extra_rates = {**EXTRA_RATES, **(extra_rates or {})}
@@ -88,26 +92,26 @@ class FakeRateApi:
         self._bundle = bundle or EcbBundle()
         self._faults: collections.deque[str] = collections.deque()
         self._stopping = gevent.event.Event()
-        self._server = None
+        self._server: WSGIServer | None = None
 
     # --- running ---------------------------------------------------------------------
 
     @property
-    def url(self):
+    def url(self) -> str:
         """``http://host:port`` once started; Frankfurter is at ``url + "/v1"``."""
         if self._server is None:
             raise RuntimeError("FakeRateApi is not started")
         return f"http://{self.host}:{self._server.server_port}"
 
     @property
-    def frankfurter_url(self):
+    def frankfurter_url(self) -> str:
         return self.url + "/v1"
 
     @property
-    def exchangerate_host_url(self):
+    def exchangerate_host_url(self) -> str:
         return self.url
 
-    def start(self):
+    def start(self) -> FakeRateApi:
         # Indexing the bundle is ~20 ms of CPU: off the hub, before the first request.
         gevent.get_hub().threadpool.apply(self._bundle.load)
         self._stopping.clear()
@@ -116,22 +120,22 @@ class FakeRateApi:
         self._server.start()
         return self
 
-    def stop(self, timeout=0.5):
+    def stop(self, timeout: float = 0.5) -> None:
         """Stop serving; hanging and delayed requests end at once, keep-alive ones within
         ``timeout`` seconds."""
         self._stopping.set()
         if self._server is not None:
             self._server.stop(timeout=timeout)
 
-    def __enter__(self):
+    def __enter__(self) -> FakeRateApi:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # --- test controls ---------------------------------------------------------------
 
-    def fail_next(self, n, mode):
+    def fail_next(self, n: int, mode: str) -> None:
         """Fail the next ``n`` requests with ``mode``, after any failures already queued:
         "500", "429" (Retry-After: 1), "hang" (no answer for ``HANG_S``), "bad_json",
         "api_error" (exchangerate.host: success false; Frankfurter: HTTP 422)."""
@@ -139,7 +143,7 @@ class FakeRateApi:
             raise ValueError(f"unknown fault {mode!r}: choose one of {', '.join(FAULT_MODES)}")
         self._faults.extend([mode] * n)
 
-    def reset(self):
+    def reset(self) -> None:
         """Zero the counters and drop queued failures."""
         self.calls = 0
         self.calls_by_day.clear()

@@ -34,6 +34,8 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -54,11 +56,11 @@ class Fault:
     action: str
     value: float | int | None = None
 
-    def describe(self):
+    def describe(self) -> str:
         return f"{self.at_s:g}:{self.action}" + ("" if self.value is None else f"={self.value:g}")
 
 
-def parse_faults(script):
+def parse_faults(script: str | None) -> list[Fault]:
     """[Fault] from ``"5:pause=3,12:drop,..."``, sorted by time; ValueError says what is wrong."""
     faults = []
     for item in filter(None, (part.strip() for part in (script or "").split(","))):
@@ -89,7 +91,7 @@ def parse_faults(script):
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def parse_dates(text):
+def parse_dates(text: str | None) -> tuple[datetime.date, datetime.date]:
     """(first, last) dates from ``"YYYY-MM-DD:YYYY-MM-DD"``; ValueError if malformed."""
     first, sep, last = (text or "").partition(":")
     try:
@@ -120,7 +122,7 @@ class SimulateOptions:
     rate_api_latency_s: float = 0.0
     rate_api_fail: str | None = None
 
-    def validate(self):
+    def validate(self) -> None:
         if self.rate < 0 or self.drain_s < 0 or self.wait_s <= 0:
             raise ValueError("--rate, --drain and --wait must not be negative")
         if self.duration_s is not None and self.duration_s <= 0:
@@ -134,13 +136,13 @@ class SimulateOptions:
 class Simulation:
     """One run of the tool: the upstream (and the fake rate API) until the report."""
 
-    def __init__(self, options, out=print):
+    def __init__(self, options: SimulateOptions, out: Callable[[str], object] = print) -> None:
         self.options = options
         self.out = out
         self.jobs = Group()
         self.done = Event()
-        self.faults_applied = []
-        kwargs = {"dates": options.dates} if options.dates else {}
+        self.faults_applied: list[dict] = []
+        kwargs: dict[str, Any] = {"dates": options.dates} if options.dates else {}
         self.upstream = Upstream(options.host, options.port, request_rate=options.rate,
                                  poisson=options.poisson, seed=options.seed,
                                  max_requests=options.max_requests, **kwargs)
@@ -149,7 +151,7 @@ class Simulation:
             self.rate_api = FakeRateApi(options.host, options.rate_api_port,
                                         latency_s=options.rate_api_latency_s)
 
-    def run(self):
+    def run(self) -> dict:
         """Serve, play the faults, report; returns the report (a dict)."""
         opts, up = self.options, self.upstream
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -191,7 +193,7 @@ class Simulation:
                 return True
         return False
 
-    def keep_rate_api_failing(self, mode, ahead=1000):
+    def keep_rate_api_failing(self, mode: str, ahead: int = 1000) -> None:
         """Keep at least ``ahead`` failures queued on the fake rate API: every request fails."""
         queued = 0
         rate_api = self.rate_api
@@ -202,7 +204,7 @@ class Simulation:
                 queued += ahead
             gevent.sleep(0.05)
 
-    def play_faults(self, started):
+    def play_faults(self, started: float) -> None:
         """The fault script, each at its time since ``started``; pauses end on their own."""
         for fault in self.options.faults:
             delay_s = started + fault.at_s - time.monotonic()
@@ -212,7 +214,9 @@ class Simulation:
             self.faults_applied.append({"fault": fault.describe(),
                                         "at_s": round(time.monotonic() - started, 3)})
 
-    def apply(self, fault):
+    def apply(self, fault: Fault) -> None:
+        # parse_faults gives each action its value's type (close and garbage an int,
+        # slowread a float); mypy sees only Fault.value's union, hence the ignores below
         up = self.upstream
         log.info("simulate: fault %s", fault.describe())
         if fault.action == "pause":
@@ -221,11 +225,11 @@ class Simulation:
         elif fault.action == "drop":
             up.drop()
         elif fault.action == "close":
-            up.close(fault.value or 1000, "simulated close")
+            up.close(fault.value or 1000, "simulated close")  # type: ignore[arg-type]
         elif fault.action == "garbage":
-            up.send_garbage(fault.value)
+            up.send_garbage(fault.value)  # type: ignore[arg-type]
         elif fault.action == "slowread":
-            up.slow_read(fault.value)
+            up.slow_read(fault.value)  # type: ignore[arg-type]
 
     def _report(self, started, window, cpu_start, failure):
         opts, report = self.options, self.upstream.report()
@@ -258,7 +262,7 @@ class Simulation:
         return report
 
 
-def options_from_args(args):
+def options_from_args(args: Mapping[str, Any]) -> SimulateOptions:
     """SimulateOptions from the docopt arguments of ``exrate-service simulate``."""
     def number(name, kind=float):
         value = args.get(name)
@@ -280,7 +284,7 @@ def options_from_args(args):
         rate_api_fail=args["--rate-api-fail"])
 
 
-def run_simulate(options, out=print):
+def run_simulate(options: SimulateOptions, out: Callable[[str], object] = print) -> int:
     """The ``simulate`` command: returns 0 when every request got one valid reply, 1 when
     not (or no client came), 2 for bad options (already reported)."""
     try:
@@ -308,7 +312,7 @@ def run_simulate(options, out=print):
     return 0 if not report["invalid"] and not report["unanswered"] else 1
 
 
-def summary_line(report):
+def summary_line(report: dict) -> str:
     def ms(key):
         value = report.get(key)
         return "-" if value is None else f"{value:.2f}"
