@@ -195,12 +195,11 @@ def convert(settings: Settings, amount: str, currency: str, date: str | None) ->
     """Print one conversion computed exactly as the service computes a reply."""
     today = datetime.datetime.now(datetime.UTC).date()
     try:
-        stake = protocol.read_stake(Decimal(amount))
+        stake = protocol.read_stake(_decimal(amount))
         code = protocol.read_currency(currency)
         day = protocol.read_day(date or today.isoformat(), today)
-    except (ProtocolError, InvalidOperation) as e:
-        reason = getattr(e, "reason", None) or f"invalid amount {amount!r}"
-        print(f"exrate-service: {reason}", file=sys.stderr)
+    except ProtocolError as e:
+        print(f"exrate-service: {e.reason}", file=sys.stderr)
         return 2
     runtime = Runtime(settings)
     try:
@@ -208,7 +207,7 @@ def convert(settings: Settings, amount: str, currency: str, date: str | None) ->
         rate = table.rate(code)
         stake_eur = protocol.convert(stake, rate)
     except (RateError, ProtocolError) as e:
-        print(f"exrate-service: {getattr(e, 'reason', None) or e}", file=sys.stderr)
+        print(f"exrate-service: {e.reason}", file=sys.stderr)
         return 1
     finally:
         runtime.close()
@@ -217,3 +216,10 @@ def convert(settings: Settings, amount: str, currency: str, date: str | None) ->
           f"{table.published.isoformat()})")
     return 0
 
+
+def _decimal(amount: str) -> Decimal:
+    """``amount`` (the command line's text) as a Decimal; ``ProtocolError`` if it is none."""
+    try:
+        return Decimal(amount)
+    except InvalidOperation:
+        raise ProtocolError(f"invalid amount {amount!r}") from None

@@ -8,11 +8,16 @@ boundary catches one family and never a library's own exception type.
 class ExrateError(Exception):
     """Base of every error exrate-green raises on purpose.
 
-    ``kind`` names the class of failure for counting (the metrics' error replies by
-    reason class): a short fixed word, never the reason text itself.
+    ``reason`` is the human text (what a log line, an error reply or the CLI shows; also
+    ``str(e)``). ``kind`` names the class of failure for counting (the metrics' error
+    replies by reason class): a short fixed word, never the reason text itself.
     """
 
     kind = "error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ConfigError(ExrateError):
@@ -28,19 +33,13 @@ class ProtocolError(ExrateError):
 
     kind = "invalid_request"
 
-    def __init__(self, reason, request_id=None):
+    def __init__(self, reason: str, request_id: object = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.request_id = request_id
 
 
 class RateError(ExrateError):
-    """No rate for a request; ``reason`` (= ``str(e)``) is the human reason sent in the
-    error reply."""
-
-    @property
-    def reason(self):
-        return str(self)
+    """No rate for a request; ``reason`` is the human reason sent in the error reply."""
 
     kind = "no_rate"
 
@@ -78,7 +77,6 @@ class ConnectionClosed(ExrateError):
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
-        self.reason = cause
 
 
 class ProtocolViolation(ConnectionClosed):

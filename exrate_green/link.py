@@ -62,7 +62,8 @@ class MeteredSocket:
         self.send_timeout_s = send_timeout_s
         self.clock = clock
         self.on_progress = on_progress  # called after every chunk the kernel accepted
-        self.deadline_at = None  # clock() after which no write may wait (set by shutdown)
+        #: clock() after which no write may wait (set by shutdown)
+        self.deadline_at: float | None = None
         self.bytes_sent = 0  # stream offset: every byte the kernel accepted so far
         self.writing = False  # inside sendall: the stream may stand mid-frame
         self.torn = False  # a write failed part-way: the stream ends mid-frame

@@ -17,9 +17,9 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from . import memory, protocol
+from . import memory, protocol, serving
 from .connection import Connection
-from .errors import ConnectionClosed, ProtocolError, RateError
+from .errors import ConnectionClosed, RateError
 from .session import Session
 from .stall import Progress, start_stall_watchdog
 from .waiters import Waiters
@@ -272,8 +272,7 @@ class Service:
                 self._connecting.kill(block=False)
             session = self.session
             if session is not None:
-                session.sock.deadline_at = deadline
-                session.stop_reading()
+                session.stop_reading(deadline)
             self._finish_conversions(close_at)
             session = self.session
             if session is not None:
@@ -310,90 +309,72 @@ class Service:
     # -- serving requests (the hot path runs inside the receive loop) --------------------
 
     def handle(self, events, session):
-        """Answer a batch of incoming frames; requests with a hot rate are answered inline,
-        the others wait for their day's table (``self.waiting``)."""
+        """Answer a batch of incoming frames (``serving.step`` says how): heartbeats are
+        registered and the replies made now are posted first; then the requests whose
+        table is not in memory are held (``self.waiting``) until it comes, the reader
+        stopping for room when none is left (back-pressure)."""
         now = datetime.datetime.now(_UTC)
-        today, stamp, started = now.date(), protocol.timestamp(now), self.clock()
-        replies: list[bytes] = []
-        for kind, data in events:
-            if kind != "text":
-                self._refuse_frame(kind, data, today, replies)
-                continue
-            if self.show_messages:
-                messages_log.info("recv %s", protocol.shown(data))
+        started = self.clock()
+        if self.show_messages:
+            self._show_received(events)
+        result = serving.step(events, today=now.date(), stamp=protocol.timestamp(now),
+                              peek=self.book.peek)
+        for _ in range(result.heartbeats):
+            session.on_heartbeat()
+        self.stats.requests += result.requests
+        if result.errors or result.skipped or result.failures:
+            self._count_problems(result)
+        if result.replies:
+            self.deliver(result.replies)
+            self.stats.record(self.clock() - started, len(result.replies))
+        for request in result.waiting:
             try:
-                request = protocol.parse(data, today)
-                if request is None:
-                    session.on_heartbeat()
-                    continue
-                self.stats.requests += 1
-                table = self.book.peek(request.day, request.currency)
-                if table is None:
-                    if not self.waiting.has_room(request):
-                        replies = self._wait_for_room(replies, started, request)
-                        stamp = protocol.timestamp(datetime.datetime.now(_UTC))
-                    if not self.waiting.add(request, started):  # the grace is over
-                        self.stats.dropped += 1
-                    continue
-                replies.append(self.answer(request, table, stamp))
-            except ProtocolError as e:
-                if e.request_id is None:
-                    self._skip(f"{e.reason}: {protocol.excerpt(data)}")
-                else:
-                    self.stats.requests += 1  # a request, if a bad one: it gets a reply
-                    self.stats.error(e.kind)
-                    replies.append(protocol.error_reply(e.request_id, e.reason))
+                self._hold(request, started)
             except Exception:  # a bug must cost one message, never the connection
                 self.stats.skipped += 1
-                log.exception("could not serve a message: %s", protocol.excerpt(data))
-        if replies:
-            self._flush(replies, started)
+                log.exception("could not hold request %r for its rate table", request.id)
 
-    def _wait_for_room(self, replies, started, request):
-        """Back-pressure: the reader stops until ``request`` can be held. Replies
-        already made are sent first. The reader is busy, not free: this time is never
+    def _count_problems(self, result):
+        """Count the error replies and skipped messages of a step, and log the skipped."""
+        stats = self.stats
+        for kind in result.errors:
+            stats.error(kind)
+        for what in result.skipped:
+            self._skip(what)
+        for data, error in result.failures:
+            stats.skipped += 1
+            log.error("could not serve a message: %s", protocol.excerpt(data), exc_info=error)
+
+    def _hold(self, request, received_at):
+        """Hold ``request`` until its day's table comes; first, while there is no room,
+        the reader waits (back-pressure). The reader is busy, not free: this time is never
         upstream silence, and never a stall (each fetch waited on has its own deadline)."""
-        if replies:
-            replies = self._flush(replies, started)
-        self.stats.backpressure_waits += 1
-        self.progress.reader_waiting = True
-        self.waiting.wait_for_room(request)
-        self.progress.reader_turned()
-        return replies
-
-    def _flush(self, replies, started):
-        self.deliver(replies)
-        self.stats.record(self.clock() - started, len(replies))
-        return []
-
-    def answer(self, request, table, stamp):
-        """The reply to ``request`` from ``table``: converted, or an error reply."""
-        try:
-            stake_eur = protocol.convert(request.stake, table.rate(request.currency))
-            return protocol.reply(request, stake_eur, stamp)
-        except ProtocolError as e:
-            self.stats.error(e.kind)
-            return protocol.error_reply(request.id, e.reason)
-        except RateError as e:
-            self.stats.error(e.kind)
-            return protocol.error_reply(request.id, str(e))
+        if not self.waiting.has_room(request):
+            self.stats.backpressure_waits += 1
+            self.progress.reader_parked()
+            self.waiting.wait_for_room(request)
+            self.progress.reader_turned()
+        if not self.waiting.add(request, received_at):  # the grace is over
+            self.stats.dropped += 1
 
     def _answer_waiting(self, held, outcome):
         """The replies to requests that waited for a day's table (``outcome``: the table
         or the ``RateError``); never yields."""
         stamp = protocol.timestamp(datetime.datetime.now(_UTC))
-        replies = []
+        replies, errors = [], []
         for request, _ in held:
             try:
                 if isinstance(outcome, RateError):
-                    self.stats.error(outcome.kind)
-                    replies.append(protocol.error_reply(request.id, str(outcome)))
+                    errors.append(outcome.kind)
+                    replies.append(protocol.error_reply(request.id, outcome.reason))
                 else:
-                    replies.append(self.answer(request, outcome, stamp))
+                    replies.append(serving.answer(request, outcome, stamp, errors))
             except Exception:  # a bug must still leave the request answered
                 log.exception("converting request %r failed", request.id)
-                self.stats.error("internal")
+                errors.append("internal")
                 replies.append(protocol.error_reply(request.id, "internal error"))
+        for kind in errors:
+            self.stats.error(kind)
         self.deliver(replies)
         now = self.clock()
         for _, received_at in held:
@@ -412,6 +393,11 @@ class Service:
         for reply in replies:
             messages_log.info("send %s", reply.decode())
 
+    def _show_received(self, events):
+        for kind, data in events:
+            if kind == "text":
+                messages_log.info("recv %s", protocol.shown(data))
+
     def _expire(self):
         """Drop kept replies older than the redelivery window (oldest are first)."""
         oldest_allowed = self.clock() - self.settings.redelivery_window_s
@@ -428,24 +414,6 @@ class Service:
             log.warning("%d reply(ies) dropped and %d written but unacknowledged given up: "
                         "no connection within %.0f s",
                         dropped, lost, self.settings.redelivery_window_s)
-
-    def _refuse_frame(self, kind, data, today, replies):
-        """Binary and oversize frames are never served; a binary one with an id is answered."""
-        request_id = None
-        if kind == "binary":
-            try:
-                request = protocol.parse(data, today)
-                request_id = request.id if request is not None else None
-            except ProtocolError as e:
-                request_id = e.request_id
-        if request_id is None:
-            size = data if kind == "oversize" else len(data)
-            self._skip(f"{kind} frame of {size} bytes")
-            return
-        self.stats.requests += 1  # a request, if in the wrong frame type: it gets a reply
-        self.stats.error("invalid_request")
-        replies.append(protocol.error_reply(
-            request_id, "binary frames are not supported: send the request as a text frame"))
 
     def _skip(self, what):
         self.stats.skipped += 1

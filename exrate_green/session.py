@@ -126,7 +126,7 @@ class Session:
     def receive_loop(self):
         progress = self.progress
         while not self.closing:
-            progress.reader_waiting = True  # for room, or for bytes: bounded elsewhere
+            progress.reader_parked()  # for room, or for bytes: bounded elsewhere
             self.wait_for_room()
             events = self.conn.receive()
             progress.reader_turned()
@@ -139,9 +139,11 @@ class Session:
             if self.sock.unread_bytes():
                 gevent.idle()
 
-    def stop_reading(self):
-        """Shutdown: read no more. A reader parked on an empty socket is stopped now; one
-        handling a batch finishes it first (those requests were read: they get replies)."""
+    def stop_reading(self, deadline: float) -> None:
+        """Shutdown: read no more, and write nothing past ``deadline`` (a ``clock()``
+        time). A reader parked on an empty socket is stopped now; one handling a batch
+        finishes it first (those requests were read: they get replies)."""
+        self.sock.deadline_at = deadline
         self.closing = True
         reader = self.reader
         if reader is not None and self.sock.parked_since is not None:

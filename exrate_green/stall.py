@@ -59,6 +59,10 @@ class Progress:
     def heartbeat_turned(self) -> None:
         self.heartbeat_at = self.clock()
 
+    def reader_parked(self) -> None:
+        """The reader waits (for bytes, or for room): bounded elsewhere, not a stall."""
+        self.reader_waiting = True
+
     def reader_turned(self) -> None:
         self.reader_at = self.clock()
         self.reader_waiting = False
