@@ -47,7 +47,7 @@ class RateError(ExrateError):
 class UnsupportedCurrency(RateError):
     kind = "unsupported_currency"
 
-    def __init__(self, currency):
+    def __init__(self, currency: str) -> None:
         super().__init__(f"unsupported currency '{currency}'")
         self.currency = currency
 
@@ -61,7 +61,7 @@ class RateUnavailable(RateError):
 
     kind = "rate_unavailable"
 
-    def __init__(self, why):
+    def __init__(self, why: str) -> None:
         super().__init__(f"exchange rate service unavailable: {why}")
         self.why = why
 

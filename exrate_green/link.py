@@ -27,6 +27,8 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 
@@ -57,7 +59,9 @@ def _ioctl_int(fd: int, request: int) -> int:
 class MeteredSocket:
     """A connected (gevent) socket that measures parking, writes and the send queue."""
 
-    def __init__(self, sock, *, send_timeout_s: float, clock=time.monotonic, on_progress=None):
+    def __init__(self, sock: socket.socket, *, send_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_progress: Callable[[], object] | None = None) -> None:
         self._sock = sock
         self.send_timeout_s = send_timeout_s
         self.clock = clock
@@ -69,7 +73,8 @@ class MeteredSocket:
         self.torn = False  # a write failed part-way: the stream ends mid-frame
         #: (stream offset, length) of the last sendall begun
         self.last_write: tuple[int, int] | None = None
-        self.parked_since = None  # clock() when the reader parked in recv, None if not
+        #: clock() when the reader parked in recv, None if not
+        self.parked_since: float | None = None
         self.parked_s = 0.0  # seconds parked since reset_parked()
         self.unacked_at_close: int | None = None  # SIOCOUTQ read just before the socket closed
         self.dying = False  # close() called: the real one is deferred
@@ -80,10 +85,10 @@ class MeteredSocket:
 
     # -- reading: parked time ---------------------------------------------------------
 
-    def recv(self, *args):
+    def recv(self, *args: Any) -> bytes:
         return self._parked(self._sock.recv, args)
 
-    def recv_into(self, *args):
+    def recv_into(self, *args: Any) -> int:
         return self._parked(self._sock.recv_into, args)
 
     def _parked(self, call, args):
@@ -101,7 +106,7 @@ class MeteredSocket:
         since = self.parked_since
         return self.parked_s + (self.clock() - since if since is not None else 0.0)
 
-    def reset_parked(self):
+    def reset_parked(self) -> None:
         self.parked_s = 0.0
         if self.parked_since is not None:
             self.parked_since = self.clock()
@@ -117,7 +122,7 @@ class MeteredSocket:
 
     # -- writing: a deadline on progress ----------------------------------------------
 
-    def sendall(self, data, flags=0):
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         total = len(view)
         self.last_write = (self.bytes_sent, total)
@@ -146,14 +151,14 @@ class MeteredSocket:
         with gevent.Timeout(wait_s, stalled):
             return self._sock.send(view, flags)
 
-    def send(self, data, flags=0):
+    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         sent = self._send_some(memoryview(data).cast("B"), flags)
         self.bytes_sent += sent
         return sent
 
     # -- the kernel's send queue ------------------------------------------------------
 
-    def unacked_bytes(self):
+    def unacked_bytes(self) -> int | None:
         """Bytes written and not yet acknowledged by the peer (SIOCOUTQ), None if unknown."""
         if self.unacked_at_close is not None:
             return self.unacked_at_close
@@ -162,12 +167,12 @@ class MeteredSocket:
         except (OSError, ValueError):
             return None
 
-    def acked_offset(self):
+    def acked_offset(self) -> int | None:
         """Stream offset up to which the peer's TCP acknowledged our bytes, None if unknown."""
         unacked = self.unacked_bytes()
         return None if unacked is None else max(self.bytes_sent - unacked, 0)
 
-    def shutdown(self, how):
+    def shutdown(self, how: int) -> None:
         """Shut both directions down now (the peer sees the connection end: never two
         live at once), sending our FIN behind the bytes still queued. The socket itself
         stays open until ``settle_and_close()``: its send queue is still to be read."""
@@ -180,11 +185,11 @@ class MeteredSocket:
         except (OSError, ValueError):
             pass  # already reset or closed: no FIN in the queue
 
-    def close(self):
+    def close(self) -> None:
         """Deferred to ``settle_and_close()`` (see ``shutdown``)."""
         self.dying = True
 
-    def settle_and_close(self):
+    def settle_and_close(self) -> None:
         """Read the send queue one last time, then really close the socket.
 
         The peer's acknowledgements of bytes already in flight get a moment to arrive
@@ -251,7 +256,7 @@ class SendLog:
     bounds it: settled after every write, it holds at most a send buffer's worth.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._ends: collections.deque = collections.deque()
         self._replies: collections.deque = collections.deque()
 
@@ -265,7 +270,7 @@ class SendLog:
         self._replies.append(reply)
         return end
 
-    def settle(self, acked) -> int:
+    def settle(self, acked: int | None) -> int:
         """Forget the replies wholly acknowledged up to ``acked``; returns how many."""
         if acked is None:
             return 0

@@ -6,12 +6,16 @@ replies a dead connection could not deliver (kept for the next one, in time orde
 counters. ``session.Session`` lives as long as one connection and owns its greenlets.
 """
 
+from __future__ import annotations
+
 import bisect
 import collections
 import datetime
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent.event import Event
@@ -23,6 +27,11 @@ from .errors import ConnectionClosed, RateError
 from .session import Session
 from .stall import Progress, start_stall_watchdog
 from .waiters import Waiters
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .rates.book import RateBook
+    from .ws import Event as FrameEvent
 
 log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
@@ -42,6 +51,12 @@ CLOSE_WAIT_S = 1.0
 __all__ = ["Service", "Stats", "backoff_delay_s", "percentile", "start_stall_watchdog"]
 
 
+class _Uniform(Protocol):
+    """A source of jitter: ``random.Random``, or the ``random`` module itself."""
+
+    def uniform(self, a: float, b: float, /) -> float: ...
+
+
 class Stats:
     """Counters since start (plain ints), and latency samples (seconds) since the last
     summary.
@@ -53,7 +68,7 @@ class Stats:
     (written, never acknowledged, and not sent again: shutdown, or too old to resend).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests = self.replies = self.errors = self.skipped = 0
         self.delivered = self.redelivered = self.dropped = self.possibly_lost = 0
         self.connects = self.reconnects = 0
@@ -66,16 +81,16 @@ class Stats:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum_s = 0.0
         self.backpressure_waits = 0  # times the reader stopped for room
-        self.latencies_s = []
+        self.latencies_s: list[float] = []
         self._recorded = 0  # replies recorded since the last summary
 
-    def error(self, kind):
+    def error(self, kind: str) -> None:
         """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g.
         ``"invalid_request"``)."""
         self.errors += 1
         self.errors_by_kind[kind] += 1
 
-    def record(self, latency_s, count=1):
+    def record(self, latency_s: float, count: int = 1) -> None:
         """Latency of ``count`` replies. Past ``_MAX_SAMPLES`` a sample replaces a random
         one (reservoir sampling), so the summary covers the whole interval at any rate and
         sorting it on the hub stays cheap."""
@@ -94,12 +109,12 @@ class Stats:
         for _ in range(min(replaced, count)):
             samples[random.randrange(_MAX_SAMPLES)] = latency_s
 
-    def take_latencies(self):
+    def take_latencies(self) -> list[float]:
         samples, self.latencies_s, self._recorded = self.latencies_s, [], 0
         return samples
 
 
-def percentile(samples, fraction):
+def percentile(samples: Sequence[float], fraction: float) -> float | None:
     """The ``fraction`` quantile of ``samples`` (nearest rank), or None when empty."""
     if not samples:
         return None
@@ -107,7 +122,7 @@ def percentile(samples, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def backoff_delay_s(failures, cap_s, rng=random):
+def backoff_delay_s(failures: int, cap_s: float, rng: _Uniform = random) -> float:
     """Seconds to wait before the next attempt after ``failures`` consecutive failures.
 
     The first retry is immediate; then 0.25 s doubling up to ``cap_s``, each with jitter
@@ -122,32 +137,35 @@ def backoff_delay_s(failures, cap_s, rng=random):
 class Service:
     """Keeps one connection to the upstream and answers its requests until ``stop()``."""
 
-    def __init__(self, settings, book, *, clock=time.monotonic):
+    def __init__(self, settings: Settings, book: RateBook, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.book = book
         self.clock = clock
         self.stats = Stats()
         self.progress = Progress(clock)
-        self.session = None
+        self.session: Session | None = None
         self.stopping = False
-        self.stop_deadline = None  # clock() by which a shutdown must be done
+        self.stop_deadline: float | None = None  # clock() by which a shutdown must be done
         self.stopped = Event()
         self._wake = Event()  # cuts a backoff sleep short on stop()
         self._between_sessions = Event()
         self._between_sessions.set()
-        self._connecting = None  # the greenlet opening a connection, killed by stop()
+        #: the greenlet opening a connection, killed by stop()
+        self._connecting: gevent.Greenlet | None = None
         self.waiting = Waiters(book, self._answer_waiting, max_requests=settings.max_in_flight,
                                max_lookups=MAX_LOOKUPS_IN_FLIGHT)
         #: (kept at, reply, written before) of replies no connection delivered, oldest first
         self.undelivered: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self.jobs = Group()  # service-lifetime background jobs
         self.show_messages = settings.show_messages
-        self.last_disconnect = None  # why the last connection (or connect) ended, for /healthz
+        #: why the last connection (or connect) ended, for /healthz
+        self.last_disconnect: str | None = None
         self._last_summary_at = clock()
 
     # -- the supervisor ------------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> int:
         """Connect, serve, reconnect until ``stop()``; returns the process exit code."""
         self.jobs.spawn(self.summary)
         start_stall_watchdog(self, self.settings.stall_exit_s)
@@ -252,7 +270,7 @@ class Service:
         self.undelivered.clear()
         return carried
 
-    def stop(self):
+    def stop(self) -> None:
         """Graceful stop within ``shutdown_grace_s``, whatever the peer does: no more
         reading; waiting conversions finish and their replies are written (every write
         with a deadline inside the grace); then one close frame and its answer, within
@@ -308,7 +326,7 @@ class Service:
 
     # -- serving requests (the hot path runs inside the receive loop) --------------------
 
-    def handle(self, events, session):
+    def handle(self, events: list[FrameEvent], session: Session) -> None:
         """Answer a batch of incoming frames (``serving.step`` says how): heartbeats are
         registered and the replies made now are posted first; then the requests whose
         table is not in memory are held (``self.waiting``) until it comes, the reader
@@ -380,7 +398,7 @@ class Service:
         for _, received_at in held:
             self.stats.record(now - received_at)
 
-    def deliver(self, replies):
+    def deliver(self, replies: list[bytes]) -> None:
         """Queue replies on the current connection, or keep them for the next one."""
         session = self.session
         if session is not None:
@@ -389,7 +407,7 @@ class Service:
             now = self.clock()
             self.undelivered.extend((now, reply, False) for reply in replies)
 
-    def show_sent(self, replies):
+    def show_sent(self, replies: Iterable[bytes]) -> None:
         for reply in replies:
             messages_log.info("send %s", reply.decode())
 
@@ -421,7 +439,7 @@ class Service:
 
     # -- background jobs -----------------------------------------------------------------
 
-    def summary(self):
+    def summary(self) -> None:
         """Every ``summary_interval_s``: one line of counters and latency percentiles; kept
         replies past the redelivery window are dropped on the way."""
         trimmed_at = -1
@@ -435,7 +453,7 @@ class Service:
             if self.clock() - self._last_summary_at >= self.settings.summary_interval_s:
                 log.info("summary: %s", self.summary_line())
 
-    def summary_line(self):
+    def summary_line(self) -> str:
         self._last_summary_at = self.clock()
         s, samples = self.stats, self.stats.take_latencies()
         cache = getattr(self.book.cache, "hits", 0), getattr(self.book.cache, "misses", 0)

@@ -19,8 +19,12 @@ upstream heartbeat, the socket still holds no unread byte. Time the reader spend
 handling a backlog, blocked on a write (a pong), or waiting for room is not silence.
 """
 
+from __future__ import annotations
+
 import collections
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -29,6 +33,10 @@ from gevent.pool import Group
 from . import protocol
 from .errors import ConnectionClosed
 from .link import MeteredSocket, SendLog, frame_bytes
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .service import Service
 
 log = logging.getLogger("exrate_green.service")
 
@@ -41,7 +49,8 @@ OUTBOX_BYTES = 1024 * 1024
 class Session:
     """One connection and its greenlets; ``run()`` serves until the connection ends."""
 
-    def __init__(self, service, conn, carried=()):
+    def __init__(self, service: Service, conn: Connection,
+                 carried: Iterable[tuple[bytes, bool]] = ()) -> None:
         """``carried``: (reply, written_before) pairs from earlier connections, oldest
         first; they are written before anything else."""
         self.service = service
@@ -50,9 +59,10 @@ class Session:
         self.conn = conn
         self.settings = service.settings
         self.clock = service.clock
-        self.sock = conn.sock = MeteredSocket(
+        # Connection declares a plain socket and no hook; the metered one stands in for it.
+        self.sock = conn.sock = MeteredSocket(  # type: ignore[assignment]
             conn.sock, send_timeout_s=self.settings.send_timeout_s, clock=self.clock)
-        conn.before_close = self._flush_before_close
+        conn.before_close = self._flush_before_close  # type: ignore[assignment]
         self.last_heartbeat_at = self.clock()  # for logs and health; the rule is parked time
         self.heartbeats_received = 0
         self.outbox = collections.deque(carried)  # (reply bytes, written before)
@@ -66,12 +76,12 @@ class Session:
         self._drained = Event()
         self.greenlets = Group()
         self.ended = AsyncResult()
-        self.ended_at = None
+        self.ended_at: float | None = None
         self.reader = self.writer = None
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> str:
         """Serve until the connection ends; returns why it ended."""
         self.progress.session_started()
         try:
@@ -89,7 +99,7 @@ class Session:
     def alive(self) -> bool:
         return not self.ended.ready()
 
-    def end(self, cause):
+    def end(self, cause: str) -> None:
         """End the session: no more reading or writing (the socket itself is closed by
         ``settle()``, once its unacknowledged bytes are known)."""
         if not self.ended.ready():
@@ -97,7 +107,7 @@ class Session:
             self.ended.set(cause)
         self.conn.abort()
 
-    def settle(self):
+    def settle(self) -> tuple[float, list[tuple[bytes, bool]]]:
         """After ``run()``: close the socket, reading its send queue first, and return
         (when it ended, [(reply, written_before), ...]) for the replies not known to be
         delivered, in the order they were made: the unacknowledged tail, then the outbox.
@@ -123,7 +133,7 @@ class Session:
 
     # -- reading --------------------------------------------------------------------------
 
-    def receive_loop(self):
+    def receive_loop(self) -> None:
         progress = self.progress
         while not self.closing:
             progress.reader_parked()  # for room, or for bytes: bounded elsewhere
@@ -149,13 +159,13 @@ class Session:
         if reader is not None and self.sock.parked_since is not None:
             reader.kill(block=False)
 
-    def on_heartbeat(self):
+    def on_heartbeat(self) -> None:
         self.last_heartbeat_at = self.clock()
         self.sock.reset_parked()
         self.heartbeats_received += 1
         self.stats.heartbeats_received += 1
 
-    def silence_watchdog(self):
+    def silence_watchdog(self) -> None:
         """End the connection once the upstream has been silent for over
         ``heartbeat_timeout_s`` while we were free to read it (the module's rule)."""
         timeout_s = self.settings.heartbeat_timeout_s
@@ -170,14 +180,14 @@ class Session:
 
     # -- writing --------------------------------------------------------------------------
 
-    def post(self, replies):
+    def post(self, replies: list[bytes]) -> None:
         """Queue replies for the writer (never blocks; the reader checks the room)."""
         self.outbox.extend((reply, False) for reply in replies)
         self.outbox_bytes += sum(map(len, replies))
         self._drained.clear()
         self._wake_writer.set()
 
-    def wait_for_room(self):
+    def wait_for_room(self) -> None:
         """Back-pressure: while the outbox is over its bound, the reader waits."""
         if self.outbox_bytes > OUTBOX_BYTES:
             self.stats.backpressure_waits += 1
@@ -185,7 +195,7 @@ class Session:
             self._room.clear()
             self._room.wait()
 
-    def drain(self, timeout_s) -> bool:
+    def drain(self, timeout_s: float) -> bool:
         """Wait until the outbox is written; False on timeout."""
         deadline = self.clock() + timeout_s
         while self.outbox or self.sock.writing:
@@ -199,7 +209,7 @@ class Session:
         """The peer closes: replies to what it sent before its close frame go first."""
         self.drain(self.settings.heartbeat_timeout_s)
 
-    def heartbeat(self):
+    def heartbeat(self) -> None:
         """Ask for a heartbeat at once, then every ``heartbeat_interval_s``, without drift.
         A heartbeat still waiting behind a blocked write is not doubled."""
         interval_s = self.settings.heartbeat_interval_s
@@ -214,7 +224,7 @@ class Session:
                 due, delay_s = self.clock(), 0
             gevent.sleep(delay_s)
 
-    def write_loop(self):
+    def write_loop(self) -> None:
         while True:
             if not self.outbox and not self.heartbeat_due:
                 self._drained.set()
@@ -228,7 +238,7 @@ class Session:
         self._drained.clear()
         beat = self.heartbeat_due
         self.heartbeat_due = False
-        chunk: list[bytes] = []
+        chunk: list[tuple[bytes, bool]] = []
         size = 0
         outbox = self.outbox
         while outbox and (size < CHUNK_BYTES or not chunk):
@@ -283,7 +293,7 @@ class Session:
 
     # -- closing --------------------------------------------------------------------------
 
-    def close(self, timeout_s):
+    def close(self, timeout_s: float) -> None:
         """Shutdown: one close frame (1000) if the stream stands at a frame boundary, and
         the peer's answer awaited; all within ``timeout_s``, counted from now."""
         try:

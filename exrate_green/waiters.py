@@ -13,14 +13,26 @@ Two bounds make the reader stop (back-pressure) instead of memory growing: reque
 greenlet).
 """
 
+from __future__ import annotations
+
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
 from .errors import RateError
+
+if TYPE_CHECKING:
+    from .protocol import Request
+    from .rates.book import RateBook
+    from .rates.table import RateTable
+
+    #: (request, received_at) pairs answered together, and their table or error
+    Answer = Callable[[list[tuple[Request, float]], RateTable | RateError], None]
 
 log = logging.getLogger("exrate_green.service")
 
@@ -37,7 +49,8 @@ class Waiters:
     ``RateError``; it must not yield. ``on_done`` is called after each slice (progress).
     """
 
-    def __init__(self, book, answer, *, max_requests: int, max_lookups: int, on_done=None):
+    def __init__(self, book: RateBook, answer: Answer, *, max_requests: int,
+                 max_lookups: int, on_done: Callable[[], object] | None = None) -> None:
         self.book = book
         self.answer = answer
         self.on_done = on_done
@@ -65,7 +78,7 @@ class Waiters:
         """Lookups (day, currency) being waited for."""
         return len(self.by_lookup)
 
-    def has_room(self, request) -> bool:
+    def has_room(self, request: Request) -> bool:
         """True if ``request`` can be held now."""
         if self.count >= self.max_requests:
             return False
@@ -75,7 +88,7 @@ class Waiters:
     def full(self) -> bool:
         return self.count >= self.max_requests or len(self.by_lookup) >= self.max_lookups
 
-    def add(self, request, received_at) -> bool:
+    def add(self, request: Request, received_at: float) -> bool:
         """Hold ``request`` until its table comes; the caller checked ``has_room``. False
         (not held) once ``kill()`` ended the waiting, at shutdown."""
         if self.closed:
@@ -92,7 +105,7 @@ class Waiters:
             self._room.clear()
         return True
 
-    def wait_for_room(self, request, timeout=None) -> bool:
+    def wait_for_room(self, request: Request, timeout: float | None = None) -> bool:
         """Block until ``request`` can be held; False on timeout."""
         while not self.has_room(request):
             self._room.clear()
@@ -100,11 +113,11 @@ class Waiters:
                 return False
         return True
 
-    def join(self, timeout=None) -> bool:
+    def join(self, timeout: float | None = None) -> bool:
         """Wait until no request is held; False on timeout."""
         return self._idle.wait(timeout)
 
-    def kill(self, timeout=1.0) -> int:
+    def kill(self, timeout: float = 1.0) -> int:
         """Abandon every held request; returns how many were abandoned."""
         abandoned = self.count
         self.closed = True
@@ -116,6 +129,7 @@ class Waiters:
 
     def _wait_for(self, key):
         day, currency = key
+        outcome: RateTable | RateError
         try:
             outcome = self.book.get(day, currency)
         except RateError as e:
