@@ -263,6 +263,11 @@ class SendLog:
     def __len__(self):
         return len(self._ends)
 
+    def extend(self, ends: list[int], replies: list[bytes]) -> None:
+        """Record ``replies`` whose frames end at stream offsets ``ends`` (ascending)."""
+        self._ends.extend(ends)
+        self._replies.extend(replies)
+
     def add(self, offset: int, reply: bytes) -> int:
         """Record ``reply`` framed at stream ``offset``; returns the offset past it."""
         end = offset + frame_bytes(len(reply))

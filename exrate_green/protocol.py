@@ -146,7 +146,9 @@ def read_day(value: object, today: datetime.date) -> datetime.date:
         if len(value) > 40:
             raise ValueError
         text = value[:-1] + "Z" if value.endswith("z") else value
-        moment = datetime.datetime.fromisoformat(_LEAP_SECOND.sub(r"\1:59", text, count=1))
+        if ":60" in text:  # the regex only when a leap second may be there: hot path
+            text = _LEAP_SECOND.sub(r"\1:59", text, count=1)
+        moment = datetime.datetime.fromisoformat(text)
         if moment.tzinfo is not None:
             moment = moment.astimezone(_UTC)
         day = moment.date()

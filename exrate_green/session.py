@@ -21,7 +21,9 @@ handling a backlog, blocked on a write (a pong), or waiting for room is not sile
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -259,32 +261,31 @@ class Session:
 
     def _account(self, chunk, beat, messages):
         """Record what the kernel took (to map unacknowledged bytes back to replies); put
-        back what it did not, first in the outbox."""
+        back what it did not, first in the outbox. One pass over the chunk (hot path)."""
         last = self.sock.last_write
-        if last is None or last[1] != sum(frame_bytes(len(m)) for m in messages):
+        sizes = [frame_bytes(len(m)) for m in messages]
+        if last is None or last[1] != sum(sizes):
             # our write never started (the connection was closed before it)
             self._unwrite(chunk)
             return
-        offset, taken_to = last[0], self.sock.bytes_sent
-        if beat:
-            offset += frame_bytes(len(messages[0]))
-        stats, written = self.stats, 0
-        for reply, before in chunk:
-            end = self.sent.add(offset, reply)
-            if end > taken_to:  # never reached the kernel: it goes back, unwritten
-                self.sent.take_last()
-                break
-            offset = end
-            written += 1
-            if not before:
-                stats.replies += 1
-        carried = min(written, self.carried_left)
-        self.carried_left -= carried
-        stats.redelivered += carried
+        # stream offset just past each reply's frame; those past bytes_sent never left
+        ends = list(itertools.accumulate(sizes[beat:], initial=last[0] + sum(sizes[:beat])))
+        del ends[0]
+        written = bisect.bisect_right(ends, self.sock.bytes_sent)
+        taken = chunk[:written]
+        self.sent.extend(ends[:written], [reply for reply, _ in taken])
+        stats = self.stats
+        if self.carried_left:  # only carried entries can have been written before
+            carried = min(written, self.carried_left)
+            self.carried_left -= carried
+            stats.redelivered += carried
+            stats.replies += sum(1 for _, before in taken if not before)
+        else:
+            stats.replies += written
         self._unwrite(chunk[written:])
         stats.delivered += self.sent.settle(self.sock.acked_offset())
         if self.service.show_messages:
-            self.service.show_sent(reply for reply, _ in chunk[:written])
+            self.service.show_sent(reply for reply, _ in taken)
 
     def _unwrite(self, entries):
         if entries:
