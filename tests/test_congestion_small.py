@@ -67,12 +67,17 @@ def test_the_ecb_bundle_lock_is_native_and_serves_pool_threads():
 
 def test_the_stall_watchdog_reads_progress_while_sessions_come_and_go():
     """The watchdog thread reads plain attributes: greenlets starting and ending sessions
-    meanwhile can neither break its reading nor make it see a stall."""
+    meanwhile can neither break its reading nor make it see a stall.
+
+    The two sides run until each has done enough rounds, however the GIL shares the turns
+    (a count, not a time window: a fixed window flaked on a busy 2-core machine)."""
     progress = Progress()
-    errors, checks = [], [0]
+    errors: list[str] = []
+    checks = [0]
     start_new_thread = monkey.get_original("_thread", "start_new_thread")
     native_sleep = monkey.get_original("time", "sleep")
-    done = []
+    done: list[bool] = []
+    finished: list[bool] = []
 
     def watch():
         try:
@@ -83,19 +88,27 @@ def test_the_stall_watchdog_reads_progress_while_sessions_come_and_go():
                 native_sleep(0.0001)
         except Exception as e:
             errors.append(repr(e))
+        finally:
+            finished.append(True)
 
     start_new_thread(watch, ())
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
+    rounds, wanted = 0, 200
+    deadline = time.monotonic() + 30.0  # a bound for a wedged thread, never reached
+    while (checks[0] < wanted or rounds < wanted) and time.monotonic() < deadline:
         progress.session_started()
         progress.reader_turned()
         progress.heartbeat_turned()
         progress.hub_at = progress.clock()
         gevent.sleep(0)
-        progress.session_ended()
+        native_sleep(0)  # hands the GIL to the watcher mid-session (a switch otherwise
+        progress.session_ended()  # waits for the interpreter's 5 ms switch interval)
+        native_sleep(0)
+        rounds += 1
     done.append(True)
-    native_sleep(0.01)
-    assert checks[0] > 10 and errors == []  # it ran (GIL turns: ~200 a second at most)
+    while not finished and time.monotonic() < deadline + 5.0:
+        native_sleep(0.001)
+    assert finished and errors == []
+    assert checks[0] >= wanted and rounds >= wanted  # both sides ran, interleaved
 
 
 def test_a_wedged_reader_is_a_stall_but_a_waiting_one_is_not():
