@@ -1,58 +1,17 @@
 """Bounded statistics: however long the simulator runs, these hold a fixed amount.
 
-``Reservoir`` keeps a uniform random sample of a stream of numbers (Algorithm R) plus
+``Reservoir`` (shared with the service: ``exrate_green.sampling``) keeps a uniform
+random sample of a stream of numbers (Algorithm R) plus
 its exact count and maximum; percentiles come from the sample, computed only when asked
 (sorting 10,000 floats takes about 1 ms). ``Heartbeats`` keeps the client heartbeats'
 count, their recent stamps and the gaps between them.
 """
 
 import collections
-import math
-import random
-from array import array
+
+from ..sampling import Reservoir
 
 __all__ = ["BeatClock", "Heartbeats", "Reservoir"]
-
-
-class Reservoir:
-    """A fixed-size uniform sample of the values ``add``-ed, their count and maximum."""
-
-    def __init__(self, size: int = 10_000, seed: int | str | None = None):
-        if size <= 0:
-            raise ValueError("a reservoir holds at least one sample")
-        self.size = size
-        self.count = 0
-        self.max: float | None = None
-        self._samples = array("d")
-        self._random = random.Random(seed).random
-        self._sorted: list[float] = []
-        self._sorted_count = 0
-
-    def __len__(self) -> int:
-        """Samples held (at most ``size``)."""
-        return len(self._samples)
-
-    def add(self, value: float) -> None:
-        """Count ``value``; it replaces a random sample with probability size/count."""
-        self.count += 1
-        if self.max is None or value > self.max:
-            self.max = value
-        samples = self._samples
-        if len(samples) < self.size:
-            samples.append(value)
-            return
-        slot = int(self._random() * self.count)
-        if slot < self.size:
-            samples[slot] = value
-
-    def percentile(self, p: float) -> float | None:
-        """The ``p``-th percentile (nearest rank) of the sample; None while empty."""
-        if not self._samples:
-            return None
-        if self._sorted_count != self.count:   # sort once per change, only when asked
-            self._sorted, self._sorted_count = sorted(self._samples), self.count
-        ordered = self._sorted
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
 class BeatClock:
