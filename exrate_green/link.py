@@ -6,10 +6,12 @@
 * how long the reader has been *parked*: blocked in ``recv`` on an empty socket. Only
   that time can be the upstream's silence; time spent elsewhere (handling a backlog,
   blocked on a write, waiting for room) is our own congestion.
-* write progress: ``sendall`` is a loop of ``send`` calls, each allowed to wait at most
-  ``send_timeout_s`` for room in the kernel (and never past ``deadline_at`` once a
-  shutdown sets one). A write that makes no progress for that long fails with
-  ``TimeoutError`` (an ``OSError``: the connection turns it into ``ConnectionClosed``).
+* write progress: ``sendall`` is a loop of ``send`` calls. Each first tries the kernel
+  without waiting (no timer armed: the common case costs one syscall); only when the
+  kernel has no room does it wait, at most ``send_timeout_s`` (and never past
+  ``deadline_at`` once a shutdown sets one). A write that makes no progress for that
+  long fails with ``TimeoutError`` (an ``OSError``: the connection turns it into
+  ``ConnectionClosed``). ``send_nowait`` never waits at all (the writer's fast path).
   Every byte handed to the kernel is counted: ``bytes_sent`` is the offset of the stream.
 * the kernel's send queue (Linux ``SIOCOUTQ``: bytes unsent or not yet acknowledged by
   the peer), read after each write and once more just before the socket is closed, so the
@@ -18,10 +20,9 @@
   sees the end): whoever owns it calls ``settle_and_close()`` (the session does,
   always), which reads the queue and closes.
 
-``SendLog`` is the bounded record that maps those bytes back to replies.
+``delivery.SendLog`` is the record that maps those bytes back to replies.
 """
 
-import collections
 import fcntl
 import socket
 import struct
@@ -34,15 +35,6 @@ import gevent
 
 _OUTQ = termios.TIOCOUTQ  # == SIOCOUTQ on Linux: bytes in the send queue not yet acked
 _INQ = termios.FIONREAD  # == SIOCINQ: bytes received and not yet read
-
-
-def frame_bytes(payload_bytes: int) -> int:
-    """Bytes a masked client text frame carrying ``payload_bytes`` takes on the wire."""
-    if payload_bytes < 126:
-        return payload_bytes + 6
-    if payload_bytes < 65536:
-        return payload_bytes + 8
-    return payload_bytes + 14
 
 
 #: the longest a dying connection waits for the peer to acknowledge bytes in flight
@@ -60,19 +52,19 @@ class MeteredSocket:
     """A connected (gevent) socket that measures parking, writes and the send queue."""
 
     def __init__(self, sock: socket.socket, *, send_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_progress: Callable[[], object] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._sock = sock
+        # the plain socket under gevent's (non-blocking), for writes that must not wait;
+        # None under TLS, whose records cannot be written half-way from here
+        raw = getattr(sock, "_sock", None)
+        self._raw = None if hasattr(sock, "_sslobj") or raw is None else raw
         self.send_timeout_s = send_timeout_s
         self.clock = clock
-        self.on_progress = on_progress  # called after every chunk the kernel accepted
         #: clock() after which no write may wait (set by shutdown)
         self.deadline_at: float | None = None
         self.bytes_sent = 0  # stream offset: every byte the kernel accepted so far
         self.writing = False  # inside sendall: the stream may stand mid-frame
         self.torn = False  # a write failed part-way: the stream ends mid-frame
-        #: (stream offset, length) of the last sendall begun
-        self.last_write: tuple[int, int] | None = None
         #: clock() when the reader parked in recv, None if not
         self.parked_since: float | None = None
         self.parked_s = 0.0  # seconds parked since reset_parked()
@@ -87,9 +79,6 @@ class MeteredSocket:
 
     def recv(self, *args: Any) -> bytes:
         return self._parked(self._sock.recv, args)
-
-    def recv_into(self, *args: Any) -> int:
-        return self._parked(self._sock.recv_into, args)
 
     def _parked(self, call, args):
         # gevent's recv returns at once when bytes are waiting and parks the greenlet only
@@ -125,15 +114,12 @@ class MeteredSocket:
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         total = len(view)
-        self.last_write = (self.bytes_sent, total)
         self.writing = True
         try:
             while view:
                 sent = self._send_some(view, flags)
                 self.bytes_sent += sent
                 view = view[sent:]
-                if self.on_progress is not None:
-                    self.on_progress()
         except BaseException:
             if view and len(view) < total:
                 self.torn = True
@@ -141,7 +127,26 @@ class MeteredSocket:
         finally:
             self.writing = False
 
+    def send_nowait(self, data: bytes | memoryview) -> int | None:
+        """Bytes of ``data`` the kernel took at once (0 if it had no room); never waits.
+        None when this socket cannot write without waiting (TLS): use ``sendall``."""
+        raw = self._raw
+        if raw is None:
+            return None
+        try:
+            sent = raw.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self.bytes_sent += sent
+        return sent
+
     def _send_some(self, view, flags):
+        raw = self._raw
+        if raw is not None:  # first without waiting: no timer armed for a write that fits
+            try:
+                return raw.send(view, flags)
+            except (BlockingIOError, InterruptedError):
+                pass
         wait_s = self.send_timeout_s
         if self.deadline_at is not None:
             wait_s = min(wait_s, self.deadline_at - self.clock())
@@ -150,11 +155,6 @@ class MeteredSocket:
         stalled = TimeoutError(f"write made no progress for {wait_s:.1f} s")
         with gevent.Timeout(wait_s, stalled):
             return self._sock.send(view, flags)
-
-    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
-        sent = self._send_some(memoryview(data).cast("B"), flags)
-        self.bytes_sent += sent
-        return sent
 
     # -- the kernel's send queue ------------------------------------------------------
 
@@ -245,55 +245,3 @@ class MeteredSocket:
             return info[0], struct.unpack_from("I", info, 68)[0] / 1e6
         except (OSError, ValueError, struct.error, AttributeError):
             return None, 0.0
-
-
-class SendLog:
-    """Replies written on one connection whose bytes the peer has not acknowledged yet.
-
-    Each entry is a reply and the stream offset just past its frame. ``settle(acked)``
-    forgets (and counts) the entries the peer acknowledged; what is left when the
-    connection dies is the unacknowledged tail, to send again. The kernel's send queue
-    bounds it: settled after every write, it holds at most a send buffer's worth.
-    """
-
-    def __init__(self) -> None:
-        self._ends: collections.deque = collections.deque()
-        self._replies: collections.deque = collections.deque()
-
-    def __len__(self):
-        return len(self._ends)
-
-    def extend(self, ends: list[int], replies: list[bytes]) -> None:
-        """Record ``replies`` whose frames end at stream offsets ``ends`` (ascending)."""
-        self._ends.extend(ends)
-        self._replies.extend(replies)
-
-    def add(self, offset: int, reply: bytes) -> int:
-        """Record ``reply`` framed at stream ``offset``; returns the offset past it."""
-        end = offset + frame_bytes(len(reply))
-        self._ends.append(end)
-        self._replies.append(reply)
-        return end
-
-    def settle(self, acked: int | None) -> int:
-        """Forget the replies wholly acknowledged up to ``acked``; returns how many."""
-        if acked is None:
-            return 0
-        ends, replies, settled = self._ends, self._replies, 0
-        while ends and ends[0] <= acked:
-            ends.popleft()
-            replies.popleft()
-            settled += 1
-        return settled
-
-    def take_last(self) -> bytes:
-        """Forget the newest entry (its write did not reach the kernel)."""
-        self._ends.pop()
-        return self._replies.pop()
-
-    def take(self) -> list:
-        """Every reply still recorded, oldest first; the log is left empty."""
-        replies = list(self._replies)
-        self._ends.clear()
-        self._replies.clear()
-        return replies

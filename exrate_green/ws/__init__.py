@@ -15,6 +15,7 @@ Building (``frames``):
     build_text_frames(messages: list[bytes], *, mask) -> bytes
         many final text frames in one bytes object, for one ``sendall``.
     build_header(opcode, length, *, fin=True, masked=False) -> bytes
+    frame_bytes(payload_bytes, *, masked=True) -> int   (a final frame's size on the wire)
     build_close_payload(code=1000, reason="") -> bytes   (reason cut to fit 125 bytes)
     apply_mask(mask: bytes, data: bytes) -> bytes        (mask and unmask: one big-int XOR)
 
@@ -37,6 +38,11 @@ Reading:
         .controls      number of non-data events the last feed returned
         .buffered_bytes  bytes held (an incomplete frame, fragments of a message)
 
+Closing (``closing``): ``Closing()`` holds one connection's closing handshake: ``send(cause)``
+before our close frame (False if one went already: nothing may follow it), ``received(event)``
+for the peer's close or violation, ``ending()`` -> ``Ending(code, reason, cause, violation)``,
+what to answer.
+
 Violations detected: RSV bits (no extension is ever negotiated), reserved opcodes,
 fragmented control frames, control frames over 125 bytes, a continuation with nothing to
 continue, a new data frame inside a fragmented message, masking wrong for the role, a
@@ -45,6 +51,7 @@ reason that is not UTF-8), a text message that is not UTF-8. An oversize text me
 discarded unchecked.
 """
 
+from .closing import Closing, Ending
 from .frames import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
@@ -71,6 +78,7 @@ from .frames import (
     build_frame,
     build_header,
     build_text_frames,
+    frame_bytes,
     is_valid_close_code,
     parse_close_payload,
 )
@@ -96,6 +104,8 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Close",
+    "Closing",
+    "Ending",
     "Event",
     "Parser",
     "Violation",
@@ -104,6 +114,7 @@ __all__ = [
     "build_frame",
     "build_header",
     "build_text_frames",
+    "frame_bytes",
     "is_valid_close_code",
     "parse_close_payload",
 ]

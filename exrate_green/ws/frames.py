@@ -80,6 +80,17 @@ def build_frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True) ->
     return head + key + apply_mask(key, payload)
 
 
+def frame_bytes(payload_bytes: int, *, masked: bool = True) -> int:
+    """Bytes a final frame carrying ``payload_bytes`` takes on the wire (masked: the
+    client role, 4 bytes of key)."""
+    key = 4 if masked else 0
+    if payload_bytes < 126:
+        return payload_bytes + 2 + key
+    if payload_bytes < 65536:
+        return payload_bytes + 4 + key
+    return payload_bytes + 10 + key
+
+
 def build_text_frames(messages: list[bytes], *, mask: bool) -> bytes:
     """Each bytes object of ``messages`` (UTF-8 text) as a final text frame, all in one
     bytes object for one ``sendall``; one ``urandom`` call draws every masking key."""
