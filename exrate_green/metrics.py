@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from gevent.pywsgi import WSGIServer
@@ -32,7 +32,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .service import LATENCY_BUCKETS_S
+from .stats import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from .rates.book import RateBook
+    from .rates.lane import ProviderLane
+    from .service import Service
 
 log = logging.getLogger("exrate_green.metrics")
 
@@ -46,13 +51,12 @@ BREAKER_STATES = ("closed", "open", "probing")
 class ServiceCollector(Collector):
     """Reads the service's counters at scrape time.
 
-    ``service`` is the running ``Service`` (its ``stats``, ``session``, ``book``); the rate
-    book's ``cache`` and ``provider`` are reached through it. Counters another part of the
-    service does not keep (yet) are read with defaults, so a scrape never fails because a
-    figure is missing: it is left out.
+    ``service`` is the running ``Service``: its ``stats`` (read by name: a renamed counter
+    is a type error here, never a silently missing series), ``dispatch``, ``delivery``
+    and link state; the rate book's lanes and cache tiers are reached through its ``book``.
     """
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
@@ -72,12 +76,8 @@ class ServiceCollector(Collector):
                        stats.replies)
         errors = CounterMetricFamily(
             "exrate_error_replies", "Error replies, by reason class.", labels=["reason"])
-        by_kind: Mapping[str, int] = getattr(stats, "errors_by_kind", None) or {}
-        for kind, count in sorted(by_kind.items()):
+        for kind, count in sorted(stats.errors_by_kind.items()):
             errors.add_metric([kind], count)
-        unclassified = stats.errors - sum(by_kind.values())
-        if unclassified > 0:
-            errors.add_metric(["unclassified"], unclassified)
         yield errors
         yield _counter("exrate_skipped_messages", "Messages without an id, logged and skipped.",
                        stats.skipped)
@@ -87,43 +87,40 @@ class ServiceCollector(Collector):
         yield _counter("exrate_dropped_replies",
                        "Replies dropped: no connection within the redelivery window, or "
                        "abandoned at shutdown.", stats.dropped)
-        for name, attribute, documentation in _OPTIONAL_STATS:
-            value = getattr(stats, attribute, None)
-            if value is not None:
-                yield _counter(name, documentation, value)
-        waiting = getattr(self.service, "waiting", None)
-        if waiting is not None:
-            yield _gauge("exrate_in_flight", "Conversions waiting for a rate table.",
-                         len(waiting))
-        undelivered = getattr(self.service, "undelivered", None)
-        if undelivered is not None:
-            yield _gauge("exrate_undelivered_replies",
-                         "Replies held for the next connection.", len(undelivered))
+        yield _counter("exrate_delivered_replies",
+                       "Replies whose bytes the upstream's TCP acknowledged.", stats.delivered)
+        yield _counter("exrate_possibly_lost_replies",
+                       "Replies written but never acknowledged, and not sent again "
+                       "(shutdown, or too old).", stats.possibly_lost)
+        yield _counter("exrate_backpressure_waits",
+                       "Times the reader stopped reading until a waiting conversion or the "
+                       "outbox made room.", stats.backpressure_waits)
+        yield _gauge("exrate_in_flight", "Conversions waiting for a rate table.",
+                     len(self.service.dispatch))
+        yield _gauge("exrate_undelivered_replies",
+                     "Replies held for the next connection.", len(self.service.delivery.kept))
 
     def _latency(self) -> Metric:
         """The histogram from ``Stats``' per-bucket counts, made cumulative here."""
         stats = self.service.stats
-        counts = getattr(stats, "latency_counts", None) or [0] * (len(LATENCY_BUCKETS_S) + 1)
         buckets, total = [], 0
-        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), counts):
+        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), stats.latency_counts):
             total += count
             buckets.append(("+Inf" if bound == math.inf else repr(bound), total))
         return HistogramMetricFamily(
             "exrate_reply_latency_seconds",
             "Seconds from reading a request to writing its reply.",
-            buckets=buckets, sum_value=getattr(stats, "latency_sum_s", 0.0))
+            buckets=buckets, sum_value=stats.latency_sum_s)
 
     # -- the upstream link ----------------------------------------------------------------
 
     def _link(self) -> Iterator[Metric]:
         stats = self.service.stats
-        attempts = getattr(stats, "connect_attempts", None)
-        if attempts is not None:
-            yield _counter("exrate_connect_attempts", "Connection attempts to the upstream.",
-                           attempts)
-            yield _counter("exrate_connect_failures",
-                           "Connection attempts that failed before the WebSocket opened.",
-                           getattr(stats, "connect_failures", 0))
+        yield _counter("exrate_connect_attempts", "Connection attempts to the upstream.",
+                       stats.connect_attempts)
+        yield _counter("exrate_connect_failures",
+                       "Connection attempts that failed before the WebSocket opened.",
+                       stats.connect_failures)
         yield _counter("exrate_connects", "WebSocket connections opened.", stats.connects)
         yield _counter("exrate_reconnects",
                        "Connections lost while running (each followed by a reconnect).",
@@ -179,17 +176,6 @@ class ServiceCollector(Collector):
         yield errors
 
 
-#: (metric, ``Stats`` attribute, help) of counters the service may keep
-_OPTIONAL_STATS = (
-    ("exrate_delivered_replies", "delivered",
-     "Replies whose bytes the upstream's TCP acknowledged."),
-    ("exrate_possibly_lost_replies", "possibly_lost",
-     "Replies written but never acknowledged, and not sent again (shutdown, or too old)."),
-    ("exrate_backpressure_waits", "backpressure_waits",
-     "Times the reader stopped reading until a waiting conversion made room."),
-)
-
-
 def _counter(name: str, documentation: str, value: float) -> Metric:
     return CounterMetricFamily(name, documentation, value=value)
 
@@ -208,25 +194,23 @@ _PROVIDER_COUNTERS = (
 )
 
 
-def _by_provider(book: Any, what: str) -> Iterable[tuple[str, int]]:
-    """``(provider, count)`` of the counter ``what`` of each provider's lane.
-
-    A book without lanes (one provider, counted on the book) has only ``api_calls``.
-    """
-    lanes = getattr(book, "lanes", None)
-    if lanes is not None:
-        return [(name, getattr(lane, what)) for name, lane in lanes.items()
-                if hasattr(lane, what)]
-    if what != "attempts" or not hasattr(book, "api_calls"):
-        return []
-    return [(getattr(book.provider, "name", "unknown"), book.api_calls)]
+def _by_provider(book: RateBook, what: str) -> Iterable[tuple[str, int]]:
+    """``(provider, count)`` of the counter ``what`` of each provider's lane."""
+    return [(name, _LANE_COUNTERS[what](lane)) for name, lane in book.lanes.items()]
 
 
-def _breaker_states(book: Any) -> Iterable[tuple[str, str]]:
-    """``(provider, state)`` for every provider with a circuit breaker."""
-    lanes = getattr(book, "lanes", None) or {}
-    return [(name, lane.breaker.state) for name, lane in lanes.items()
-            if getattr(lane, "breaker", None) is not None]
+#: the provider lane's counters, read by name (a renamed one is a type error here)
+_LANE_COUNTERS: dict[str, Callable[[ProviderLane], int]] = {
+    "attempts": lambda lane: lane.attempts,
+    "fetches": lambda lane: lane.fetches,
+    "failures": lambda lane: lane.failures,
+    "stale_served": lambda lane: lane.stale_served,
+}
+
+
+def _breaker_states(book: RateBook) -> Iterable[tuple[str, str]]:
+    """``(provider, state)`` for every provider's circuit breaker."""
+    return [(name, lane.breaker.state) for name, lane in book.lanes.items()]
 
 
 def _tiers(book: Any) -> Iterable[tuple[str, Mapping[str, int | None]]]:
@@ -244,33 +228,34 @@ def _tiers(book: Any) -> Iterable[tuple[str, Mapping[str, int | None]]]:
     return rows
 
 
-def health_of(service: Any) -> dict[str, Any]:
+def health_of(service: Service) -> dict[str, Any]:
     """Whether the service is healthy now, and why not.
 
-    Healthy: a connection is open and the upstream's last heartbeat on it is younger than
-    the heartbeat timeout. A connection on which no heartbeat came yet is not healthy
-    (an upstream that went silent before we reconnected would otherwise look healthy for
-    a timeout after every reconnect).
+    Healthy: a connection is open and the upstream has been silent for less than the
+    heartbeat timeout, by the same measure the connection's watchdog uses (time we were
+    free to read and nothing came; ``Session.silence_s``). A connection on which no
+    heartbeat came yet is not healthy (an upstream that went silent before we reconnected
+    would otherwise look healthy for a timeout after every reconnect).
     """
     timeout_s = service.settings.heartbeat_timeout_s
-    session = service.session
+    link = service.link_state()
     result: dict[str, Any] = {"healthy": False, "connected": False, "heartbeat_age_s": None,
                               "reason": None}
-    if getattr(service, "stopping", False):
+    if link.stopping:
         result["reason"] = "shutting down"
         return result
-    conn = getattr(session, "conn", None)
-    if session is None or conn is None or getattr(conn, "closed", False):
-        last = getattr(service, "last_disconnect", None)
+    if not link.connected:
+        last = link.last_disconnect
         result["reason"] = f"not connected (last: {last})" if last else "not connected yet"
         return result
     result["connected"] = True
-    age_s = max(0.0, service.clock() - session.last_heartbeat_at)
+    age_s = max(0.0, link.heartbeat_age_s or 0.0)
+    silence_s = link.silence_s or 0.0
     result["heartbeat_age_s"] = round(age_s, 3)
-    if not getattr(session, "heartbeats_received", 1):
+    if not link.heartbeats:
         result["reason"] = f"connected, no heartbeat from upstream yet ({age_s:.1f} s)"
-    elif age_s > timeout_s:
-        result["reason"] = (f"no heartbeat from upstream for {age_s:.1f} s "
+    elif silence_s > timeout_s:
+        result["reason"] = (f"no heartbeat from upstream for {silence_s:.1f} s "
                             f"(timeout {timeout_s:g} s)")
     else:
         result["healthy"] = True
@@ -280,7 +265,7 @@ def health_of(service: Any) -> dict[str, Any]:
 class MetricsApp:
     """The WSGI app: ``/metrics``, ``/healthz``, and 404 for anything else."""
 
-    def __init__(self, service: Any, *, process_metrics: bool = True) -> None:
+    def __init__(self, service: Service, *, process_metrics: bool = True) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(service))
@@ -315,7 +300,7 @@ def _respond(start_response: StartResponse, status: str, body: bytes,
 class MetricsServer:
     """``MetricsApp`` on ``host:port`` (port 0: any free one), served by gevent.pywsgi."""
 
-    def __init__(self, service: Any, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, service: Service, port: int, host: str = "0.0.0.0") -> None:
         self.app = MetricsApp(service)
         # log=None: a scrape every few seconds must not become a log line each time.
         self.server = WSGIServer((host, port), self.app, log=None, error_log=log)

@@ -1,137 +1,49 @@
-"""The supervisor: one connection at a time, reconnects, shutdown, and the requests.
+"""The supervisor: one connection at a time, reconnects, shutdown, and the summary.
 
-``Service`` lives as long as the process and owns what outlives a connection: the rate
-book, the requests waiting for a rate table (``waiters.Waiters``, grouped by day), the
-replies a dead connection could not deliver (kept for the next one, in time order), the
-counters. ``session.Session`` lives as long as one connection and owns its greenlets.
+``Service`` lives as long as the process and owns what outlives a connection: the
+requests (``dispatch.Dispatch``), every reply's life (``delivery.Delivery``), the counters
+(``stats.Stats``) and the stall watchdog's ``Progress``. It connects (with the one
+``Backoff`` policy between failures), hands each connection to a ``session.Session``
+together with those collaborators, and when the session ends settles its socket while the
+next connection opens. It knows nothing of frames, replies or rates itself.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
-import datetime
 import logging
-import random
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from . import memory, protocol, serving
-from .connection import Connection
-from .errors import ConnectionClosed, RateError
-from .session import Session
-from .stall import Progress, start_stall_watchdog
-from .waiters import Waiters
+from . import memory
+from .backoff import Backoff
+from .connection import handshake
+from .delivery import Delivery
+from .dispatch import Dispatch
+from .errors import ConnectionClosed
+from .session import Ended, Session
+from .stall import Progress, StallWatchdog
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .config import Settings
     from .rates.book import RateBook
-    from .ws import Event as FrameEvent
 
 log = logging.getLogger("exrate_green.service")
-messages_log = logging.getLogger("exrate_green.messages")
-_UTC = datetime.UTC
-_MAX_SAMPLES = 20_000  # latency samples kept per summary interval (sorted in ~3 ms)
-#: upper bounds (seconds) of the reply latency histogram's buckets; one more counts the rest
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-                     5.0, 10.0)
-#: distinct (day, currency) lookups waited for at once (each is one greenlet; those of
-#: one day share one fetch in the rate book)
-MAX_LOOKUPS_IN_FLIGHT = 256
+
 #: seconds of the shutdown grace kept for the close frame and its answer (at most)
 CLOSE_RESERVE_S = 1.0
 #: the longest the close frame and its answer may take (within the grace)
 CLOSE_WAIT_S = 1.0
+#: reconnects: the first retry at once, then 0.25 s doubling to the cap, 50-100 % jitter
+RECONNECT_FIRST_S = 0.25
 
-__all__ = ["Service", "Stats", "backoff_delay_s", "percentile", "start_stall_watchdog"]
-
-
-class _Uniform(Protocol):
-    """A source of jitter: ``random.Random``, or the ``random`` module itself."""
-
-    def uniform(self, a: float, b: float, /) -> float: ...
-
-
-class Stats:
-    """Counters since start (plain ints), and latency samples (seconds) since the last
-    summary.
-
-    A reply is counted once in ``replies`` when the kernel first takes it, then once in
-    ``delivered`` when the peer's TCP acknowledges its bytes, or else (the connection
-    died first) it is sent again on the next connection (``redelivered``, each time), or
-    ``dropped`` (never written: no connection in time, shutdown), or ``possibly_lost``
-    (written, never acknowledged, and not sent again: shutdown, or too old to resend).
-    """
-
-    def __init__(self) -> None:
-        self.requests = self.replies = self.errors = self.skipped = 0
-        self.delivered = self.redelivered = self.dropped = self.possibly_lost = 0
-        self.connects = self.reconnects = 0
-        self.connect_attempts = self.connect_failures = 0
-        self.heartbeats_sent = self.heartbeats_received = 0
-        #: error replies by ``ExrateError.kind``
-        self.errors_by_kind: collections.Counter[str] = collections.Counter()
-        # Since start, for the metrics' histogram: replies per LATENCY_BUCKETS_S bucket
-        # (not cumulative: the scrape adds them up) and the sum of their latencies.
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.latency_sum_s = 0.0
-        self.backpressure_waits = 0  # times the reader stopped for room
-        self.latencies_s: list[float] = []
-        self._recorded = 0  # replies recorded since the last summary
-
-    def error(self, kind: str) -> None:
-        """Count one error reply of ``kind`` (an ``ExrateError.kind``, e.g.
-        ``"invalid_request"``)."""
-        self.errors += 1
-        self.errors_by_kind[kind] += 1
-
-    def record(self, latency_s: float, count: int = 1) -> None:
-        """Latency of ``count`` replies. Past ``_MAX_SAMPLES`` a sample replaces a random
-        one (reservoir sampling), so the summary covers the whole interval at any rate and
-        sorting it on the hub stays cheap."""
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += count
-        self.latency_sum_s += latency_s * count
-        samples = self.latencies_s
-        self._recorded += count
-        room = _MAX_SAMPLES - len(samples)
-        if room > 0:
-            samples.extend([latency_s] * min(count, room))
-            return
-        # Each reply would replace a random slot with probability _MAX_SAMPLES/seen
-        # (Algorithm R): draw how many do, per batch rather than per reply (hot path).
-        expected = count * _MAX_SAMPLES / self._recorded
-        replaced = int(expected) + (random.random() < expected % 1)
-        for _ in range(min(replaced, count)):
-            samples[random.randrange(_MAX_SAMPLES)] = latency_s
-
-    def take_latencies(self) -> list[float]:
-        samples, self.latencies_s, self._recorded = self.latencies_s, [], 0
-        return samples
-
-
-def percentile(samples: Sequence[float], fraction: float) -> float | None:
-    """The ``fraction`` quantile of ``samples`` (nearest rank), or None when empty."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def backoff_delay_s(failures: int, cap_s: float, rng: _Uniform = random) -> float:
-    """Seconds to wait before the next attempt after ``failures`` consecutive failures.
-
-    The first retry is immediate; then 0.25 s doubling up to ``cap_s``, each with jitter
-    (50-100 % of the step) so a fleet of clients does not reconnect in lockstep.
-    """
-    if failures <= 1:
-        return 0.0
-    step = min(cap_s, 0.25 * 2 ** (failures - 2))
-    return step * rng.uniform(0.5, 1.0)
+__all__ = ["Service"]
 
 
 class Service:
@@ -144,6 +56,12 @@ class Service:
         self.clock = clock
         self.stats = Stats()
         self.progress = Progress(clock)
+        self.delivery = Delivery(self.stats, redelivery_window_s=settings.redelivery_window_s,
+                                 clock=clock, show_messages=settings.show_messages)
+        self.dispatch = Dispatch(book, self.delivery, self.stats, self.progress,
+                                 max_in_flight=settings.max_in_flight, clock=clock,
+                                 show_messages=settings.show_messages)
+        self.backoff = Backoff(RECONNECT_FIRST_S, settings.reconnect_max_delay_s, free=1)
         self.session: Session | None = None
         self.stopping = False
         self.stop_deadline: float | None = None  # clock() by which a shutdown must be done
@@ -153,12 +71,7 @@ class Service:
         self._between_sessions.set()
         #: the greenlet opening a connection, killed by stop()
         self._connecting: gevent.Greenlet | None = None
-        self.waiting = Waiters(book, self._answer_waiting, max_requests=settings.max_in_flight,
-                               max_lookups=MAX_LOOKUPS_IN_FLIGHT)
-        #: (kept at, reply, written before) of replies no connection delivered, oldest first
-        self.undelivered: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self.jobs = Group()  # service-lifetime background jobs
-        self.show_messages = settings.show_messages
         #: why the last connection (or connect) ended, for /healthz
         self.last_disconnect: str | None = None
         self._last_summary_at = clock()
@@ -167,12 +80,17 @@ class Service:
 
     def run(self) -> int:
         """Connect, serve, reconnect until ``stop()``; returns the process exit code."""
+        watchdog = StallWatchdog(self.progress, self.settings.stall_exit_s,
+                                 stop_deadline=lambda: self.stop_deadline,
+                                 stopped=self.stopped.is_set)
+        self.jobs.spawn(watchdog.tick)
         self.jobs.spawn(self.summary)
-        start_stall_watchdog(self, self.settings.stall_exit_s)
-        failures, ended = 0, None
+        watchdog.start()
+        failures = 0
+        ending: gevent.Greenlet | None = None
         try:
             while not self.stopping:
-                delay_s = backoff_delay_s(failures, self.settings.reconnect_max_delay_s)
+                delay_s = self.backoff.delay_s(failures)
                 if delay_s:
                     log.info("reconnecting in %.2f s (attempt %d)", delay_s, failures + 1)
                     self._wake.wait(delay_s)
@@ -180,7 +98,7 @@ class Service:
                         break
                 self.stats.connect_attempts += 1
                 try:
-                    conn = self._connect(ended)
+                    sock = self._connect(ending)
                 except ConnectionClosed as e:
                     failures += 1
                     self.stats.connect_failures += 1
@@ -188,87 +106,76 @@ class Service:
                     log.warning("connect failed (%d in a row): %s", failures, e.cause)
                     continue
                 finally:
-                    ended = None
-                if conn is None:  # stop() came while connecting
+                    ending = None
+                if sock is None:  # stop() came while connecting
                     break
-                failures, ended = self._serve(conn, failures)
-            self._collect(ended)
+                failures, ending = self._serve(sock, failures)
+            self._settled(ending)
             self.stopped.wait(self.settings.shutdown_grace_s + 1)
             return 0
         finally:
             self.jobs.kill(timeout=1)
 
-    def _connect(self, ended):
-        """A new connection; meanwhile the last one (``ended``, a greenlet settling its
-        socket) hands over the replies it could not deliver, to be sent first."""
+    def _connect(self, ending: gevent.Greenlet | None) -> socket.socket | None:
+        """A new connection's socket; meanwhile the last session (``ending``, a greenlet
+        settling its socket) hands its undelivered replies back to delivery."""
         settings = self.settings
 
         def open_or_fail():
             try:
-                return Connection.open(
-                    settings.url, timeout_s=settings.http_connect_timeout_s + 3,
-                    ca_file=settings.ca_file, max_frame_bytes=settings.max_frame_bytes)
+                return handshake(settings.url, timeout_s=settings.http_connect_timeout_s + 3,
+                                 ca_file=settings.ca_file)
             except ConnectionClosed as e:
                 return e
 
         self._connecting = gevent.spawn(open_or_fail)
         try:
-            self._collect(ended)
-            conn = self._connecting.get()
-            if isinstance(conn, ConnectionClosed):
-                raise conn
-            return None if isinstance(conn, gevent.GreenletExit) else conn
+            self._settled(ending)
+            sock = self._connecting.get()
+            if isinstance(sock, ConnectionClosed):
+                raise sock
+            return None if isinstance(sock, gevent.GreenletExit) else sock
         finally:
             self._connecting = None
 
-    def _serve(self, conn, failures):
-        """Serve ``conn`` until it ends; returns (failures so far, the greenlet settling
-        its socket, whose value is the replies to send again)."""
+    def _serve(self, sock: socket.socket, failures: int) -> tuple[int, gevent.Greenlet | None]:
+        """Serve ``sock`` until its connection ends; returns (failures so far, the greenlet
+        settling its socket)."""
         if self.stopping:  # stop() came while we were connecting
-            conn.abort()
+            sock.close()
             return failures, None
         self.stats.connects += 1
         log.info("connected to %s (connection %d)", self.settings.url, self.stats.connects)
-        carried = self._carried()
-        if carried:
-            log.info("sending %d reply(ies) kept from earlier connections first", len(carried))
-        session = self.session = Session(self, conn, carried)
+        session = self.session = Session(
+            sock, self.settings, dispatch=self.dispatch, delivery=self.delivery,
+            progress=self.progress, stats=self.stats, clock=self.clock)
         self._between_sessions.clear()
         try:
-            cause = session.run()
+            ended = session.run()
         finally:
             self.session = None
-            ended = gevent.spawn(session.settle)
-        self.last_disconnect = cause
+            ending = gevent.spawn(session.settle)
+        self.last_disconnect = ended.cause
         if self.stopping:
-            log.info("disconnected: %s", cause)
-            return failures, ended
+            log.info("disconnected: %s", ended.cause)
+            return failures, ending
         self.stats.reconnects += 1
-        log.warning("disconnected: %s; reconnecting", cause)
-        if conn.violation is not None:  # the upstream broke RFC 6455: retry at once, no growth
-            return (0 if session.heartbeats_received else min(failures, 1)), ended
-        return (0 if session.heartbeats_received else failures + 1), ended
+        log.warning("disconnected: %s; reconnecting", ended.cause)
+        return self._failures_after(ended, failures), ending
 
-    def _collect(self, ended):
-        """Keep the replies an ended connection could not deliver (see ``_connect``)."""
-        if ended is not None:
-            ended_at, leftovers = ended.get()
-            unacked = sum(1 for _, written in leftovers if written)
-            if unacked:
-                log.warning("%d written reply(ies) not acknowledged by the peer: kept for "
-                            "the next connection", unacked)
-            # Older than anything kept since the connection ended: they go first, so the
-            # queue stays in time order (and expiry takes the oldest from the front).
-            self.undelivered.extendleft(
-                (ended_at, reply, written) for reply, written in reversed(leftovers))
+    @staticmethod
+    def _failures_after(ended: Ended, failures: int) -> int:
+        """The backoff resets once a heartbeat arrived; an upstream that broke RFC 6455 is
+        retried at once, without growing the backoff."""
+        if ended.heartbeats:
+            return 0
+        return min(failures, 1) if ended.violation else failures + 1
+
+    def _settled(self, ending: gevent.Greenlet | None) -> None:
+        """Wait for an ended session to settle its socket (see ``_connect``)."""
+        if ending is not None:
+            ending.join()
         self._between_sessions.set()
-
-    def _carried(self):
-        """Replies kept for this connection, oldest first; those too old are dropped."""
-        self._expire()
-        carried = [(reply, written) for _, reply, written in self.undelivered]
-        self.undelivered.clear()
-        return carried
 
     def stop(self) -> None:
         """Graceful stop within ``shutdown_grace_s``, whatever the peer does: no more
@@ -284,158 +191,25 @@ class Service:
         grace_s = self.settings.shutdown_grace_s
         self.stop_deadline = deadline = self.clock() + grace_s
         close_at = deadline - min(CLOSE_RESERVE_S, grace_s / 4)
-        log.info("stopping: %d conversion(s) in flight, grace %.1f s", len(self.waiting), grace_s)
+        log.info("stopping: %d conversion(s) in flight, grace %.1f s", len(self.dispatch),
+                 grace_s)
         try:
             if self._connecting is not None:
                 self._connecting.kill(block=False)
             session = self.session
             if session is not None:
                 session.stop_reading(deadline)
-            self._finish_conversions(close_at)
+            self.dispatch.finish(close_at - self.clock())
             session = self.session
             if session is not None:
                 if not session.drain(max(close_at - self.clock(), 0)):
                     log.warning("grace period over with %d reply(ies) not written",
-                                len(session.outbox))
+                                len(self.delivery))
                 session.close(min(max(deadline - self.clock(), 0.01), CLOSE_WAIT_S))
             self._between_sessions.wait(max(deadline - self.clock(), 0) + 0.5)
-            self._account_undelivered()
+            self.delivery.give_up()
         finally:
             self.stopped.set()
-
-    def _finish_conversions(self, until):
-        if not self.waiting.join(timeout=max(until - self.clock(), 0)):
-            lost = self.waiting.kill(timeout=0.2)
-            self.stats.dropped += lost
-            log.warning("grace period over: %d conversion(s) abandoned", lost)
-
-    def _account_undelivered(self):
-        entries = list(self.undelivered)
-        self.undelivered.clear()
-        if self.session is not None:  # still serving past the grace (should not happen)
-            entries += [(0, reply, written) for reply, written in self.session.outbox]
-        written = sum(1 for _, _, was_written in entries if was_written)
-        if len(entries) - written:
-            self.stats.dropped += len(entries) - written
-            log.warning("%d reply(ies) dropped: not written by the end of the grace period",
-                        len(entries) - written)
-        if written:
-            self.stats.possibly_lost += written
-            log.warning("%d reply(ies) possibly lost: written, never acknowledged by the peer",
-                        written)
-
-    # -- serving requests (the hot path runs inside the receive loop) --------------------
-
-    def handle(self, events: list[FrameEvent], session: Session) -> None:
-        """Answer a batch of incoming frames (``serving.step`` says how): heartbeats are
-        registered and the replies made now are posted first; then the requests whose
-        table is not in memory are held (``self.waiting``) until it comes, the reader
-        stopping for room when none is left (back-pressure)."""
-        now = datetime.datetime.now(_UTC)
-        started = self.clock()
-        if self.show_messages:
-            self._show_received(events)
-        result = serving.step(events, today=now.date(), stamp=protocol.timestamp(now),
-                              peek=self.book.peek)
-        for _ in range(result.heartbeats):
-            session.on_heartbeat()
-        self.stats.requests += result.requests
-        if result.errors or result.skipped or result.failures:
-            self._count_problems(result)
-        if result.replies:
-            self.deliver(result.replies)
-            self.stats.record(self.clock() - started, len(result.replies))
-        for request in result.waiting:
-            try:
-                self._hold(request, started)
-            except Exception:  # a bug must cost one message, never the connection
-                self.stats.skipped += 1
-                log.exception("could not hold request %r for its rate table", request.id)
-
-    def _count_problems(self, result):
-        """Count the error replies and skipped messages of a step, and log the skipped."""
-        stats = self.stats
-        for kind in result.errors:
-            stats.error(kind)
-        for what in result.skipped:
-            self._skip(what)
-        for data, error in result.failures:
-            stats.skipped += 1
-            log.error("could not serve a message: %s", protocol.excerpt(data), exc_info=error)
-
-    def _hold(self, request, received_at):
-        """Hold ``request`` until its day's table comes; first, while there is no room,
-        the reader waits (back-pressure). The reader is busy, not free: this time is never
-        upstream silence, and never a stall (each fetch waited on has its own deadline)."""
-        if not self.waiting.has_room(request):
-            self.stats.backpressure_waits += 1
-            self.progress.reader_parked()
-            self.waiting.wait_for_room(request)
-            self.progress.reader_turned()
-        if not self.waiting.add(request, received_at):  # the grace is over
-            self.stats.dropped += 1
-
-    def _answer_waiting(self, held, outcome):
-        """The replies to requests that waited for a day's table (``outcome``: the table
-        or the ``RateError``); never yields."""
-        stamp = protocol.timestamp(datetime.datetime.now(_UTC))
-        replies, errors = [], []
-        for request, _ in held:
-            try:
-                if isinstance(outcome, RateError):
-                    errors.append(outcome.kind)
-                    replies.append(protocol.error_reply(request.id, outcome.reason))
-                else:
-                    replies.append(serving.answer(request, outcome, stamp, errors))
-            except Exception:  # a bug must still leave the request answered
-                log.exception("converting request %r failed", request.id)
-                errors.append("internal")
-                replies.append(protocol.error_reply(request.id, "internal error"))
-        for kind in errors:
-            self.stats.error(kind)
-        self.deliver(replies)
-        now = self.clock()
-        for _, received_at in held:
-            self.stats.record(now - received_at)
-
-    def deliver(self, replies: list[bytes]) -> None:
-        """Queue replies on the current connection, or keep them for the next one."""
-        session = self.session
-        if session is not None:
-            session.post(replies)
-        else:
-            now = self.clock()
-            self.undelivered.extend((now, reply, False) for reply in replies)
-
-    def show_sent(self, replies: Iterable[bytes]) -> None:
-        for reply in replies:
-            messages_log.info("send %s", reply.decode())
-
-    def _show_received(self, events):
-        for kind, data in events:
-            if kind == "text":
-                messages_log.info("recv %s", protocol.shown(data))
-
-    def _expire(self):
-        """Drop kept replies older than the redelivery window (oldest are first)."""
-        oldest_allowed = self.clock() - self.settings.redelivery_window_s
-        kept, dropped, lost = self.undelivered, 0, 0
-        while kept and kept[0][0] < oldest_allowed:
-            _, _, written = kept.popleft()
-            if written:
-                lost += 1
-            else:
-                dropped += 1
-        if dropped or lost:
-            self.stats.dropped += dropped
-            self.stats.possibly_lost += lost
-            log.warning("%d reply(ies) dropped and %d written but unacknowledged given up: "
-                        "no connection within %.0f s",
-                        dropped, lost, self.settings.redelivery_window_s)
-
-    def _skip(self, what):
-        self.stats.skipped += 1
-        log.warning("skipped a message without an id: %s", what)
 
     # -- background jobs -----------------------------------------------------------------
 
@@ -446,7 +220,7 @@ class Service:
         while True:
             gevent.sleep(min(self.settings.summary_interval_s, 1.0))
             if self.session is None:
-                self._expire()
+                self.delivery.expire()
             if self.stats.requests != trimmed_at:  # traffic flowed: give freed memory back
                 trimmed_at = self.stats.requests
                 memory.trim()
@@ -454,24 +228,55 @@ class Service:
                 log.info("summary: %s", self.summary_line())
 
     def summary_line(self) -> str:
+        """The summary's fields as ``key=value`` (latency figures cover the interval since
+        the last line; every count is since start)."""
         self._last_summary_at = self.clock()
-        s, samples = self.stats, self.stats.take_latencies()
-        cache = getattr(self.book.cache, "hits", 0), getattr(self.book.cache, "misses", 0)
-        session = self.session
+        s = self.stats
+        p50, p99 = s.take_latency_percentiles()
+        book = self.book
+        cache = book.cache
         return (f"requests={s.requests} replies={s.replies} delivered={s.delivered} "
                 f"errors={s.errors} skipped={s.skipped} "
-                f"p50_ms={_ms(percentile(samples, 0.5))} p99_ms={_ms(percentile(samples, 0.99))} "
+                f"p50_ms={_ms(p50)} p99_ms={_ms(p99)} "
                 f"connect_attempts={s.connect_attempts} connect_failures={s.connect_failures} "
                 f"connects={s.connects} reconnects={s.reconnects} "
                 f"redelivered={s.redelivered} dropped={s.dropped} "
-                f"possibly_lost={s.possibly_lost} in_flight={len(self.waiting)} "
-                f"outbox={len(session.outbox) if session else 0} kept={len(self.undelivered)} "
-                f"memory_hits={self.book.memory_hits} cache_hits={cache[0]} "
-                f"cache_misses={cache[1]} rate_api_calls={self.book.api_calls} "
-                f"rate_api_fetches={getattr(self.book, 'fetches', 0)} "
-                f"failed_lookups={self.waiting.failed_lookups}")
+                f"possibly_lost={s.possibly_lost} in_flight={len(self.dispatch)} "
+                f"outbox={len(self.delivery.outbox)} kept={len(self.delivery.kept)} "
+                f"memory_hits={book.memory_hits} cache_hits={cache.hits} "
+                f"cache_misses={cache.misses} rate_api_calls={book.api_calls} "
+                f"rate_api_fetches={book.fetches} "
+                f"failed_lookups={self.dispatch.waiting.failed_lookups}")
+
+    def link_state(self) -> LinkState:
+        """What ``/healthz`` needs to know of the link, read now."""
+        session = self.session
+        if session is None or session.conn.closed:
+            return LinkState(False, 0, None, None, self.stopping, self.last_disconnect)
+        return LinkState(True, session.heartbeats_received, session.silence_s(),
+                         self.clock() - session.last_heartbeat_at, self.stopping,
+                         self.last_disconnect)
 
 
-def _ms(seconds):
+class LinkState:
+    """The link as ``/healthz`` sees it: ``silence_s`` is the watchdog's own figure (time
+    the upstream was silent while we were free to read it); ``heartbeat_age_s`` the
+    wall-clock age of the last heartbeat (for humans)."""
+
+    __slots__ = ("connected", "heartbeats", "silence_s", "heartbeat_age_s", "stopping",
+                 "last_disconnect")
+
+    def __init__(self, connected: bool, heartbeats: int, silence_s: float | None,
+                 heartbeat_age_s: float | None, stopping: bool,
+                 last_disconnect: str | None) -> None:
+        self.connected = connected
+        self.heartbeats = heartbeats
+        self.silence_s = silence_s
+        self.heartbeat_age_s = heartbeat_age_s
+        self.stopping = stopping
+        self.last_disconnect = last_disconnect
+
+
+def _ms(seconds: float | None) -> str:
     """Seconds as milliseconds for the summary; ``-`` when there is no figure."""
     return "-" if seconds is None else f"{seconds * 1000:.2f}"

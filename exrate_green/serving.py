@@ -2,10 +2,10 @@
 
 ``step`` does no I/O, never yields and reads no clock: the day, the reply timestamp and
 the rate book's ``peek`` (a lookup in memory) are passed in, as ``protocol`` takes
-``today``. It says what the batch asks for; the service acts on it (``Service.handle``):
-it registers the heartbeats, counts, logs the skipped messages, posts the hot replies,
-and only then holds the requests that wait for a rate table, the reader stopping for
-room when there is none (back-pressure).
+``today``. It says what the batch asks for; ``dispatch.Dispatch`` acts on it: it counts,
+logs the skipped messages, posts the hot replies, and (after the session registered the
+heartbeats) holds the requests that wait for a rate table, the reader stopping for room
+when there is none (back-pressure).
 """
 
 import datetime
@@ -36,11 +36,13 @@ class Step:
     * ``errors``: the ``ExrateError.kind`` of each error reply in ``replies``;
     * ``skipped``: what each message without an id that was skipped was (for the log);
     * ``failures``: (message, exception) of messages a bug kept from being served (each
-      counts as skipped).
+      counts as skipped);
+    * ``started``: the clock reading when the batch was taken (set by the caller; the
+      step reads no clock).
     """
 
     __slots__ = ("replies", "waiting", "heartbeats", "requests", "errors", "skipped",
-                 "failures")
+                 "failures", "started")
 
     def __init__(self) -> None:
         self.replies: list[bytes] = []
@@ -50,6 +52,7 @@ class Step:
         self.errors: list[str] = []
         self.skipped: list[str] = []
         self.failures: list[tuple[bytes, Exception]] = []
+        self.started = 0.0
 
 
 def step(events: Iterable[tuple[str, Any]], *, today: datetime.date, stamp: str,

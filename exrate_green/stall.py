@@ -20,13 +20,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey
-
-if TYPE_CHECKING:
-    from .service import Service
 
 #: seconds past the shutdown grace after which the watchdog ends the process anyway
 STOP_MARGIN_S = 2.0
@@ -81,37 +77,49 @@ class Progress:
         return None
 
 
-def start_stall_watchdog(service: Service, stall_exit_s: float,
-                         check_every_s: float = 1.0) -> None:
-    """A native thread that exits the process with code 3 when ``service.progress`` shows
-    a wedge for over ``stall_exit_s`` seconds, while the service is not stopping.
+class StallWatchdog:
+    """Ends the process with exit code 3 when ``progress`` shows a wedge for over
+    ``stall_exit_s`` seconds, unless a shutdown is under way.
 
-    It must be a real OS thread: a greenlet would be stuck with the hub it watches. It
-    writes straight to the file descriptor: logging's locks are gevent's.
+    ``stop_deadline()`` is the ``clock()`` time by which a shutdown under way must be done
+    (None: running); ``stopped()`` is True once the service ended. Two jobs: ``tick``, a
+    greenlet (run it in the group of the object whose lifetime bounds it) that stamps the
+    hub's progress, and ``watch``, a native thread started by ``start()``: a greenlet would
+    be stuck with the hub it watches. The thread writes straight to the file descriptor:
+    logging's locks are gevent's.
     """
-    sleep = monkey.get_original("time", "sleep")
-    start_new_thread = monkey.get_original("_thread", "start_new_thread")
-    progress = service.progress
 
-    def tick():
+    def __init__(self, progress: Progress, stall_exit_s: float, *,
+                 stop_deadline: Callable[[], float | None], stopped: Callable[[], bool],
+                 check_every_s: float = 1.0) -> None:
+        self.progress = progress
+        self.stall_exit_s = stall_exit_s
+        self.stop_deadline = stop_deadline
+        self.stopped = stopped
+        self.check_every_s = check_every_s
+
+    def tick(self) -> None:
+        """Stamp the hub's progress, a few times per stall period (at most once a second)."""
+        progress, every_s = self.progress, min(self.check_every_s, self.stall_exit_s / 4)
         while True:
             progress.hub_at = progress.clock()
-            gevent.sleep(min(check_every_s, stall_exit_s / 4))
+            gevent.sleep(every_s)
 
-    service.jobs.spawn(tick)
+    def start(self) -> None:
+        """Start the watching thread (it ends with the process, or once ``stopped()``)."""
+        monkey.get_original("_thread", "start_new_thread")(self.watch, ())
 
-    def watch():
-        while not service.stopped.is_set():
-            sleep(check_every_s)
+    def watch(self) -> None:
+        sleep = monkey.get_original("time", "sleep")
+        progress = self.progress
+        while not self.stopped():
+            sleep(self.check_every_s)
             now = progress.clock()
-            if service.stopping:  # a backstop: the shutdown bounds itself well before
-                # stop() sets stop_deadline before stopping; mypy cannot see that order
-                overdue_s = now - service.stop_deadline - STOP_MARGIN_S  # type: ignore[operator]
-                if overdue_s > 0 and not service.stopped.is_set():
+            deadline = self.stop_deadline()
+            if deadline is not None:  # a backstop: the shutdown bounds itself well before
+                if now - deadline > STOP_MARGIN_S and not self.stopped():
                     _die(f"shutdown still running {STOP_MARGIN_S:.0f} s past its grace")
                 continue
-            stall = progress.stalled(now, stall_exit_s)
+            stall = progress.stalled(now, self.stall_exit_s)
             if stall is not None:
                 _die(f"{stall[0]} made no progress for {stall[1]:.1f} s")
-
-    start_new_thread(watch, ())

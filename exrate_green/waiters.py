@@ -16,7 +16,6 @@ greenlet).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from .errors import RateError
+from .ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .protocol import Request
@@ -46,14 +46,13 @@ class Waiters:
     """Requests by lookup, answered by ``answer(requests, table_or_error)`` when it comes.
 
     ``answer`` gets a list of (request, received_at) and either the table or the
-    ``RateError``; it must not yield. ``on_done`` is called after each slice (progress).
+    ``RateError``; it must not yield.
     """
 
     def __init__(self, book: RateBook, answer: Answer, *, max_requests: int,
-                 max_lookups: int, on_done: Callable[[], object] | None = None) -> None:
+                 max_lookups: int) -> None:
         self.book = book
         self.answer = answer
-        self.on_done = on_done
         self.max_requests = max_requests
         self.max_lookups = max_lookups
         self.by_lookup: dict = {}  # (day, currency) -> [(request, received_at), ...]
@@ -65,18 +64,13 @@ class Waiters:
         self._idle.set()
         self.failed_lookups = 0  # lookups that ended in a RateError
         self.closed = False  # kill() came: nothing more is held
-        self._warned_at = float("-inf")
-        self._unlogged = 0
+        self._failed_log = RateLimitedLog(log, WARN_EVERY_S)
 
     def __len__(self):
         return self.count
 
     def __bool__(self):
         return self.count > 0
-
-    def lookups(self) -> int:
-        """Lookups (day, currency) being waited for."""
-        return len(self.by_lookup)
 
     def has_room(self, request: Request) -> bool:
         """True if ``request`` can be held now."""
@@ -149,8 +143,6 @@ class Waiters:
                 finally:
                     self.count -= len(part)
                     self._changed()
-                if self.on_done is not None:
-                    self.on_done()
                 if done < len(held):
                     gevent.idle()
         finally:
@@ -162,15 +154,9 @@ class Waiters:
         """A lookup that finally failed is a WARNING; during an outage, one line a second
         at most, saying how many more failed since."""
         self.failed_lookups += 1
-        now = time.monotonic()
-        if now - self._warned_at < WARN_EVERY_S:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more lookup(s) failed since the last line)" \
-            if self._unlogged else ""
-        self._warned_at, self._unlogged = now, 0
-        log.warning("no rate table for %s (%s): %s; %d request(s) get an error reply%s",
-                    day.isoformat(), currency, error, held, more)
+        self._failed_log.warning(
+            "no rate table for %s (%s): %s; %d request(s) get an error reply",
+            day.isoformat(), currency, error, held)
 
     def _changed(self):
         if not self.full():

@@ -92,7 +92,7 @@ def test_a_peer_that_stops_reading_for_seconds_loses_nothing_and_keeps_one_conne
             session = service.session
             if session is not None:
                 blocked.append((session.sock.writing, session.sock.unacked_bytes() or 0,
-                                session.outbox_bytes))
+                                service.delivery.outbox_bytes))
             gevent.sleep(0.05)
         peer.ask("resume_reading")
         gevent.sleep(1.0)

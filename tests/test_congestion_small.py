@@ -14,7 +14,6 @@ from gevent import monkey
 
 from exrate_green import protocol
 from exrate_green.config import Settings
-from exrate_green.connection import Connection
 from exrate_green.rates.ecb_bundle import EcbBundle
 from exrate_green.runtime import Runtime
 from exrate_green.service import Service
@@ -123,7 +122,7 @@ def test_a_wedged_reader_is_a_stall_but_a_waiting_one_is_not():
 
 
 def _dead_connection():
-    """A real TCP connection whose peer resets it at once."""
+    """A real TCP connection (its socket) whose peer resets it at once."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -132,7 +131,7 @@ def _dead_connection():
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()
     listener.close()
-    return Connection(client)
+    return client
 
 
 def test_the_redelivery_queue_stays_in_time_order_after_a_failed_redelivery(tmp_path):
@@ -142,21 +141,21 @@ def test_the_redelivery_queue_stays_in_time_order_after_a_failed_redelivery(tmp_
     try:
         service = Service(settings, runtime.book)
         start = service.clock()
-        service.undelivered.extend([(start - 20, b'"old-1"', False),
+        service.delivery.kept.extend([(start - 20, b'"old-1"', False),
                                     (start - 10, b'"old-2"', True)])
         # A new connection takes the kept replies first, and dies under them.
         _, ended = service._serve(_dead_connection(), 0)
-        service.deliver([b'"new"'])  # made after it died, before it was settled
-        service._collect(ended)
-        kept = list(service.undelivered)
+        service.delivery.post([b'"new"'])  # made after it died, before it was settled
+        service._settled(ended)
+        kept = list(service.delivery.kept)
         assert [reply for _, reply, _ in kept] == [b'"old-1"', b'"old-2"', b'"new"']
         assert [when for when, _, _ in kept] == sorted(when for when, _, _ in kept)
         assert kept[1][2] is True  # written before: still known as such
         # Expiry takes from the front, the oldest: the first two, not the new one.
-        service.undelivered[0] = (start - 40, *kept[0][1:])
-        service.undelivered[1] = (start - 40, *kept[1][1:])
-        service._expire()
-        assert [reply for _, reply, _ in service.undelivered] == [b'"new"']
+        service.delivery.kept[0] = (start - 40, *kept[0][1:])
+        service.delivery.kept[1] = (start - 40, *kept[1][1:])
+        service.delivery.expire()
+        assert [reply for _, reply, _ in service.delivery.kept] == [b'"new"']
         assert service.stats.dropped == 1 and service.stats.possibly_lost == 1
     finally:
         runtime.close()
@@ -177,7 +176,7 @@ def test_a_lookup_that_finally_fails_is_a_warning_at_most_once_a_second(tmp_path
                                 "currency": "USD", "date": f"2021-0{month}-10T10:00:00Z"})
                for month in range(1, 7)]
         replies = [up.wait_for_reply(rid, 10) for rid in ids]
-        failed = service.waiting.failed_lookups
+        failed = service.dispatch.waiting.failed_lookups
     assert all(r is not None and r["type"] == "error" for r in replies), replies
     warnings = [r for r in caplog.records if "no rate table for" in r.getMessage()]
     assert failed == 6 and warnings and all(r.levelname == "WARNING" for r in warnings)

@@ -84,7 +84,7 @@ class Cycler:
     def quiesce(self):
         """No requests, none in flight: the state the baseline and the end are measured in."""
         self.up.pause_requests()
-        assert wait_until(lambda: not self.service.waiting and not self.service.undelivered, 5)
+        assert wait_until(lambda: not self.service.dispatch.waiting and not self.service.delivery.kept, 5)
         gevent.sleep(0.3)  # the last replies reach the simulator, idle greenlets end
         gc.collect()
 
@@ -176,7 +176,7 @@ def run_cycles(tmp_path, inject, cycles, bound_s, **overrides):
         assert s.reconnects == cycles and r["connections"] == cycles + 1
         assert r["max_connected"] == 1, "two connections at once"
         # every request received was answered exactly once (or counted as dropped)
-        assert s.dropped == 0 and not service.undelivered
+        assert s.dropped == 0 and not service.delivery.kept
         assert s.requests == s.replies + s.dropped, (s.requests, s.replies, s.dropped)
         assert r["duplicates"] == 0 and r["invalid"] == 0, r["problems"]
         never_received = r["requests"] - s.requests

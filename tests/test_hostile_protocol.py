@@ -236,15 +236,17 @@ def test_only_validated_currency_and_date_leave_parse():
 
 # -- the service's batch handler, for real -----------------------------------------------
 
-class _Session:
-    """What ``Service.handle`` asks of a session: only to be told of heartbeats. With no
-    connection (``service.session`` is None) every reply lands in ``service.undelivered``,
-    where this test reads it."""
+class _Reader:
+    """What the session's reader does with a batch: ``dispatch.take`` (hot replies to
+    delivery), the heartbeats counted, then ``dispatch.hold`` (waiting for room first).
+    With no connection every reply lands in ``service.delivery.kept``."""
 
     heartbeats = 0
 
-    def on_heartbeat(self):
-        self.heartbeats += 1
+    def handle(self, service, frames):
+        step = service.dispatch.take(frames)
+        self.heartbeats += step.heartbeats
+        service.dispatch.hold(step.waiting, step.started)
 
 
 @pytest.fixture(scope="module")
@@ -268,12 +270,12 @@ def test_service_handle_answers_each_message_with_an_id_exactly_once(service, ba
     # On the hub (the service is gevent code): each example yields at least once, so
     # Hypothesis's own work between examples never holds the hub for long.
     gevent.sleep(0)
-    service.undelivered.clear()
+    service.delivery.kept.clear()
     frames = [("text", encode(message)) for message in batch]
-    service.handle(frames, _Session())
-    assert service.waiting.join(timeout=5)
-    got = [orjson.loads(reply) for _, reply, _ in service.undelivered]
-    service.undelivered.clear()
+    _Reader().handle(service, frames)
+    assert service.dispatch.waiting.join(timeout=5)
+    got = [orjson.loads(reply) for _, reply, _ in service.delivery.kept]
+    service.delivery.kept.clear()
     expected = [readable_id(m) for m in batch if readable_id(m) is not None]
     assert sorted(map(repr, (g["id"] for g in got))) == sorted(map(repr, expected))
     for reply in got:
@@ -281,13 +283,13 @@ def test_service_handle_answers_each_message_with_an_id_exactly_once(service, ba
 
 
 def test_service_handle_survives_binary_and_oversize_events(service):
-    service.undelivered.clear()
+    service.delivery.kept.clear()
     request = (b'{"type":"message","id":5,"payload":'
                b'{"stake":1,"currency":"USD","date":"2021-05-18"}}')
-    service.handle([("binary", request), ("binary", b"\xff\x00"), ("oversize", 3 << 20),
-                    ("text", b"\xff\xfe"), ("text", request)], _Session())
-    assert service.waiting.join(timeout=5)
-    got = [orjson.loads(reply) for _, reply, _ in service.undelivered]
-    service.undelivered.clear()
+    _Reader().handle(service, [("binary", request), ("binary", b"\xff\x00"),
+                               ("oversize", 3 << 20), ("text", b"\xff\xfe"), ("text", request)])
+    assert service.dispatch.waiting.join(timeout=5)
+    got = [orjson.loads(reply) for _, reply, _ in service.delivery.kept]
+    service.delivery.kept.clear()
     assert [(g["id"], g["type"]) for g in got] == [(5, "error"), (5, "message")]
     gevent.sleep(0)

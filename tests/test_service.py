@@ -135,7 +135,7 @@ def test_a_reply_caught_by_a_drop_is_redelivered_on_the_next_connection(tmp_path
         gevent.sleep(0.1)
         up.refuse_connections()
         up.drop()
-        assert wait_until(lambda: service.undelivered, 3)
+        assert wait_until(lambda: service.delivery.kept, 3)
         up.accept_connections()
         reply = up.wait_for_reply(rid, 5)
         assert reply["payload"]["currency"] == "EUR"
@@ -151,7 +151,7 @@ def test_replies_older_than_the_window_are_dropped_and_counted(tmp_path):
         rid = up.send_request(payload())
         up.refuse_connections()
         up.drop()
-        assert wait_until(lambda: service.undelivered, 3)
+        assert wait_until(lambda: service.delivery.kept, 3)
         gevent.sleep(0.8)
         up.accept_connections()
         assert up.wait_for_connections(2, 12)
@@ -214,7 +214,7 @@ def test_back_pressure_bounds_waiting_conversions(tmp_path):
             up.url, tmp_path, provider="frankfurter", frankfurter_url=api.frankfurter_url,
             max_in_flight=5) as service:
         up.wait_for_connections(1, 5)
-        watcher = gevent.spawn(lambda: [peak.append(len(service.waiting)) or gevent.sleep(0.01)
+        watcher = gevent.spawn(lambda: [peak.append(len(service.dispatch.waiting)) or gevent.sleep(0.01)
                                         for _ in range(300)])
         day = datetime.date(2021, 1, 4)
         ids = [up.send_request(payload(date=(day + datetime.timedelta(i)).isoformat()))
@@ -270,7 +270,7 @@ def test_under_back_pressure_a_hot_reply_is_not_held_behind_a_cold_request(tmp_p
         sent = time.monotonic()
         assert up.wait_for_reply(9202, 1.0)["payload"]["stake"] == 207.55196
         assert time.monotonic() - sent < 0.5  # not after the 1.5 s fetch
-        assert service.waiting.full()
+        assert service.dispatch.waiting.full()
         assert up.wait_for_reply(9201, 6) and up.wait_for_reply(9203, 6)
         # The reader sat 1.5 s on a full pool while heartbeats queued unread: that is not
         # upstream silence, so the watchdog must not have dropped the link (nor request 9203).

@@ -157,14 +157,17 @@ def test_answer_records_an_error_kind_only_for_an_error_reply():
 
 # -- how the service acts on a step ------------------------------------------------------
 
-class _Session:
-    """What ``Service.handle`` asks of a session: to be told of heartbeats. With no
-    connection (``service.session`` is None) replies land in ``service.undelivered``."""
+class _Reader:
+    """What the session's reader does with a batch: ``dispatch.take`` (hot replies to
+    delivery), the heartbeats counted, then ``dispatch.hold`` (waiting for room first).
+    With no connection every reply lands in ``service.delivery.kept``."""
 
     heartbeats = 0
 
-    def on_heartbeat(self):
-        self.heartbeats += 1
+    def handle(self, service, frames):
+        step = service.dispatch.take(frames)
+        self.heartbeats += step.heartbeats
+        service.dispatch.hold(step.waiting, step.started)
 
 
 def test_a_batch_posts_its_hot_replies_and_heartbeats_before_the_reader_waits_for_room(
@@ -179,19 +182,19 @@ def test_a_batch_posts_its_hot_replies_and_heartbeats_before_the_reader_waits_fo
             api.latency_s = 0.0
             runtime.book.get(HOT_DAY, "USD")  # HOT_DAY's table in memory
             api.latency_s = 1.0
-            session = _Session()
+            session = _Reader()
             batch = [request(1, day=COLD_DAY), request(2, day=OTHER_COLD_DAY),
                      request(3), HEARTBEAT]
-            reader = gevent.spawn(service.handle, batch, session)
+            reader = gevent.spawn(session.handle, service, batch)
             gevent.sleep(0.3)  # the first cold request is held; the second waits for room
             assert not reader.dead
-            assert [orjson.loads(r)["id"] for _, r, _ in service.undelivered] == [3]
+            assert [orjson.loads(r)["id"] for _, r, _ in service.delivery.kept] == [3]
             assert session.heartbeats == 1
             assert service.stats.requests == 3 and service.stats.backpressure_waits == 1
             reader.join(timeout=5)
             assert reader.dead
-            assert wait_until(lambda: len(service.undelivered) == 3, 5)
-            got = [orjson.loads(r) for _, r, _ in service.undelivered]
+            assert wait_until(lambda: len(service.delivery.kept) == 3, 5)
+            got = [orjson.loads(r) for _, r, _ in service.delivery.kept]
             assert [(g["id"], g["type"]) for g in got] == [(3, "message"), (1, "message"),
                                                            (2, "message")]
         finally:

@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 
 
 class RateCache(Protocol):
-    """What the rate book and its lanes ask of the cache (``cache.TieredCache`` is one)."""
+    """What the rate book and its lanes ask of the cache (``cache.TieredCache`` is one);
+    ``hits`` and ``misses`` count its lookups (for the summary)."""
+
+    hits: int
+    misses: int
 
     def get(self, provider: str, day: datetime.date) -> RateTable | None: ...
 
