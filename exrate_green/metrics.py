@@ -301,6 +301,22 @@ class BuildInfoCollector(Collector):
         yield info
 
 
+class TierCollector(Collector):
+    """``exrate_cache_tier_up{tier}``: 1 while a cache tier works, 0 while it fails (a
+    Redis that is down) or is off; what /healthz reports as the tiers' states."""
+
+    def __init__(self, tiers: TierStates) -> None:
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("exrate_cache_tier_up",
+                               "1 while the cache tier works, 0 while it fails or is off.",
+                               labels=["tier"])
+        for tier, state in self.tiers.states().items():
+            up.add_metric([tier], 1 if state == "ok" else 0)
+        yield up
+
+
 #: seconds a /metrics exposition is served again before it is computed anew: a flood of
 #: scrapes costs one exposition per second, whatever its rate
 EXPOSITION_TTL_S = 1.0
@@ -318,11 +334,12 @@ class MetricsApp:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(service))
         self.registry.register(BuildInfoCollector())
+        self._tiers = TierStates(service, clock)
+        self.registry.register(TierCollector(self._tiers))
         if process_metrics:  # RSS, CPU seconds, open fds: read from /proc at scrape time
             ProcessCollector(registry=self.registry)
         self.expositions = 0  # how many times the exposition was computed (tests, docs)
         self._exposition = (float("-inf"), b"")
-        self._tiers = TierStates(service, clock)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -430,8 +447,10 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self.server.start()
-        log.info("metrics and health on %s port %d: /metrics, /healthz",
-                 self.server.server_host or "all interfaces", self.port)
+        host = self.server.server_host or "0.0.0.0"
+        where = " (every interface)" if host in ("0.0.0.0", "::") else ""
+        log.info("metrics and health on %s port %d%s: /metrics, /healthz", host, self.port,
+                 where)
         return self
 
     def stop(self, timeout_s: float = 1.0) -> None:
