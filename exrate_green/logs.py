@@ -189,12 +189,14 @@ class JsonLines(io.TextIOBase):
 
 # -- setup ---------------------------------------------------------------------------------
 
-def setup_logging(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
+def setup_logging(settings: Settings, stream: IO[str] | None = None, *,
+                  stray: bool = True) -> logging.Handler:
     """One handler on the root logger writing to ``stream`` (default stdout: platforms read
     a worker's logs there; one-shot commands pass stderr so stdout holds only the answer).
 
-    Returns the handler. In JSON mode, also routes what bypasses logging (warnings, a
-    greenlet's or thread's uncaught exception, stray prints to stderr) into JSON lines.
+    Returns the handler. In JSON mode (and ``stray``), also routes what bypasses logging
+    (warnings, a greenlet's or thread's uncaught exception, prints to stderr) into JSON
+    lines.
     """
     from .cache.redis import redis_password  # the Redis password is a secret too
 
@@ -203,7 +205,8 @@ def setup_logging(settings: Settings, stream: IO[str] | None = None) -> logging.
     formatter: logging.Formatter
     if settings.log_format == "json":
         formatter = JsonLogFormatter(secrets)
-        _route_stray_output_to_logging()
+        if stray:
+            _route_stray_output_to_logging()
     else:
         formatter = TextFormatter(TEXT_FORMAT, secrets=secrets)
     handler = logging.StreamHandler(_raw(stream))
