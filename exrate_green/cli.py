@@ -165,7 +165,10 @@ def _dispatch(args: dict[str, Any], settings: Settings) -> int:
             rate = _positive("--rate", args["--rate"]) or 20.0
         except ValueError as e:
             return _usage_error(str(e))
-        return run_demo(settings.replace(redis_url=None), duration_s=duration_s, rate=rate)
+        # JSON logs: the summary is one more event, so every line of the demo parses
+        out = (lambda text: log.info("%s", text)) if settings.log_format == "json" else print
+        return run_demo(settings.replace(redis_url=None), duration_s=duration_s, rate=rate,
+                        out=out)
     if args["simulate"]:
         from .simulator.tool import options_from_args, run_simulate
         try:

@@ -122,7 +122,8 @@ def test_the_summary_counts_each_interval_and_samples_levels():
     summary = Summary()
     first = summary.line({"requests": 10, "errors.no_rate": 0}, {"in_flight": 2, "p99_ms": None})
     second = summary.line({"requests": 25, "errors.no_rate": 1}, {"in_flight": 0, "p99_ms": 4.5})
-    assert first == "count#exrate.requests=10 count#exrate.errors.no_rate=0 sample#exrate.in_flight=2"
+    assert first == ("count#exrate.requests=10 count#exrate.errors.no_rate=0 "
+                     "sample#exrate.in_flight=2")
     assert second == ("count#exrate.requests=15 count#exrate.errors.no_rate=1 "
                       "sample#exrate.in_flight=0 sample#exrate.p99_ms=4.50")
     assert summary.fields == {"count.requests": 15, "count.errors.no_rate": 1,

@@ -16,14 +16,15 @@ from exrate_green.config import VARIABLES, Settings
 from exrate_green.errors import ConfigError
 from exrate_green.simulator import Upstream
 
-from .support import BIN, ROOT, run_service, service_env, start_service, wait_until
+from .support import BIN, ROOT, run_service, service_env, start_service
 
 pytestmark = pytest.mark.timeout(120)
 
 COMMANDS = {"run": [], "demo": ["demo", "--duration=1"], "cache": ["cache", "list"],
             "convert": ["convert", "1", "USD", "2021-05-18"],
             "simulate": ["simulate", "--duration=1"]}
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+TIMESTAMP = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 FORGED = "x\u2028CRITICAL exrate_green: forged\u0085ERROR a: b\u009b31m\rINFO c: d\ne"
 
 
@@ -226,3 +227,22 @@ def test_with_log_format_json_errors_on_stderr_are_json_too(tmp_path):
         assert result.returncode != 0
         events = [json.loads(line) for line in result.stderr.splitlines()]
         assert events and events[-1]["level"] == "ERROR", result.stderr
+
+
+def test_the_readme_module_map_names_every_module_of_the_package():
+    readme = (ROOT / "README.md").read_text()
+    tree = readme.split("## How it works")[1].split("```")[1]
+    package = ROOT / "exrate_green"
+    for path in sorted(package.iterdir()):
+        if path.suffix == ".py" and path.name != "__init__.py":
+            assert path.name in tree, f"{path.name} missing from the README's module map"
+        elif path.is_dir() and (path / "__init__.py").exists():
+            assert f"{path.name}/" in tree, f"{path.name}/ missing from the README's module map"
+
+
+def test_the_demo_with_json_logs_writes_only_json_lines(tmp_path):
+    result = run_service(["demo", "--duration=2", "--rate=20"],
+                         service_env(tmp_path, LOG_FORMAT="json"), timeout_s=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [json.loads(line) for line in (result.stdout + result.stderr).splitlines()]
+    assert any("demo summary" in event["message"] for event in events)
