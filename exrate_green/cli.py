@@ -260,7 +260,9 @@ def run(settings: Settings) -> int:
     finally:
         if metrics is not None:
             metrics.stop()
-        log.info("summary: %s", service.summary_line())
+        line = service.summary_line()
+        # the same figures as keys of a JSON event (Service.summary_fields: see logs.Summary)
+        log.info("summary: %s", line, extra=dict(getattr(service, "summary_fields", None) or {}))
         runtime.close()
         log.info("stopped")
 
