@@ -3,8 +3,10 @@
 Usage:
   exrate-service [options]
   exrate-service demo [--duration=SECONDS] [--rate=RPS] [options]
-  exrate-service cache (list | show DAY | stats | clear) [--json] [options]
-  exrate-service convert AMOUNT CURRENCY [DATE] [options]
+  exrate-service cache (list | show DAY | stats) [--json] [options]
+  exrate-service cache clear [--tier=TIER] [--yes] [--json] [options]
+  exrate-service cache warm START END [--json] [options]
+  exrate-service convert AMOUNT CURRENCY [DATE] [--json] [options]
   exrate-service simulate [--host=HOST] [--port=PORT] [--rate=RPS] [--poisson]
                           [--duration=SECONDS] [--faults=SCRIPT] [--report=FILE] [options]
   exrate-service -h | --help
@@ -15,7 +17,9 @@ Commands:
   demo        Run the bundled upstream simulator and a fake rate API on loopback, and the
               service against them, offline; print a summary at the end.
   cache       Inspect the rate cache, every tier (disk; Redis with REDIS_URL): list,
-              show DAY (YYYY-MM-DD), stats, clear.
+              show DAY (YYYY-MM-DD), stats, clear (asks before deleting Redis keys),
+              warm START END (prefetch every table of the window, one call per month
+              where the provider can).
   convert     One conversion through the service's code path, e.g. convert 253.67 USD 2021-05-18.
   simulate    Run the currency-assignment simulator as a standalone WebSocket server for any
               client: paced requests, scripted faults, reply validation, a JSON report.
@@ -42,9 +46,22 @@ Options:
   --rate-api-latency=MS  simulate: the fake rate API answers after MS milliseconds [default: 0].
   --rate-api-fail=MODE   simulate: the fake rate API fails every request: 500, 429, hang,
                       bad_json or api_error.
-  --json              cache: machine-readable JSON output.
+  --json              cache, convert: machine-readable JSON output.
+  --tier=TIER         cache clear: only this tier, disk or redis (default: every tier).
+  --yes               cache clear: delete Redis keys without asking.
   -h --help           Show this help.
   --version           Show the version.
+
+Environment:
+  Every setting is an environment variable (flags override): EXRATE_URL, EXRATE_PROVIDER,
+  EXCHANGE_ACCESS_KEY, REDIS_URL, EXRATE_METRICS_PORT, EXRATE_METRICS_HOST, LOG_FORMAT
+  (text or json), LOG_LEVEL and 18 more. The full table, with defaults and units, is in
+  README.md, section "Configuration" (also docs/operations.md in the source tree).
+  Booleans take 1/0, true/false, yes/no or on/off.
+
+Output:
+  convert and cache print their answer on stdout and nothing else; logs go to stderr.
+  The service logs to stdout, one line per event (LOG_FORMAT=json: one JSON object).
 
 Exit codes:
   0       done (a stop by SIGTERM or SIGINT included)
@@ -53,42 +70,68 @@ Exit codes:
   3       stalled: the connection's reader or heartbeat made no progress for
           EXRATE_STALL_EXIT seconds (30), so the platform restarts the process
   128+N   a second signal N during shutdown: exit at once (130 for Ctrl-C, 143 for SIGTERM)
+  141     the reader of stdout went away (a closed pipe), as for any Unix tool
 """
 
 import datetime
+import json
 import logging
 import os
 import signal
 import sys
-import time
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from docopt import DocoptExit, docopt
 
 from . import __version__, protocol
-from .config import Settings
+from .config import VARIABLES_DOC, Settings
 from .errors import ConfigError, ProtocolError, RateError
-from .redact import RedactingFormatter
+from .logs import install_json_stderr, setup_logging
 from .runtime import Runtime
-from .usage import HELP_POINTER, usage_problem
+from .usage import HELP_POINTER, refused_option, usage_problem
 
 log = logging.getLogger("exrate_green")
 
 #: the access key ``demo`` gives its fake exchangerate.host when the user has none
 DEMO_ACCESS_KEY = "demo-access-key"
+#: the exit code of a command whose stdout reader went away (128 + SIGPIPE)
+EXIT_PIPE_CLOSED = 141
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+        install_json_stderr()  # from the first line on: even a usage error is JSON
     try:
         args = docopt(__doc__, argv, version=f"exrate-service {__version__}")
     except DocoptExit as e:
-        print(f"exrate-service: {usage_problem(__doc__, argv, str(e.code))} ({HELP_POINTER})",
-              file=sys.stderr)
-        return 2
+        return _usage_error(usage_problem(__doc__, argv, str(e.code)))
     except SystemExit as e:  # --help and --version print, then "exit"
         return e.code if isinstance(e.code, int) else 0
+    refused = refused_option(__doc__, argv)
+    if refused:
+        return _usage_error(refused)
+    try:
+        settings = Settings.load(**_flags(args))
+    except ConfigError as e:
+        return _config_error(e)
+    one_shot = bool(args["cache"] or args["convert"])
+    setup_logging(settings, sys.stderr if one_shot else sys.stdout)
+    try:
+        code = _dispatch(args, settings)
+        if one_shot:
+            sys.stdout.flush()  # a closed pipe shows here for output still buffered
+        return code
+    except ConfigError as e:  # one a part found later (a Redis URL it cannot use)
+        return _config_error(e)
+    except BrokenPipeError:
+        return _pipe_closed()
+
+
+def _flags(args: dict[str, Any]) -> dict[str, Any]:
+    """The settings the command line sets (``None``: not given)."""
     flags = {
         "url": args["--url"], "provider": args["--provider"] and args["--provider"].lower(),
         "cache_dir": args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
@@ -100,68 +143,103 @@ def main(argv: list[str] | None = None) -> int:
         flags["access_key"] = DEMO_ACCESS_KEY
         if not flags["provider"] and not os.environ.get("EXRATE_PROVIDER"):
             flags["provider"] = "ecb"
-    try:
-        settings = Settings.load(**flags)
-    except ConfigError as e:
-        print(f"exrate-service: configuration error: {e}", file=sys.stderr)
-        return 2
-    setup_logging(settings)
+    if args["demo"]:
+        flags["redis_url"] = None  # sealed: never the user's Redis
+    return flags
+
+
+def _dispatch(args: dict[str, Any], settings: Settings) -> int:
     if args["cache"]:
         from .cache import run_cache_command
-        action = next(a for a in ("list", "show", "stats", "clear") if args[a])
-        return run_cache_command(settings, action, day=args["DAY"], as_json=args["--json"])
+        action = next(a for a in ("list", "show", "stats", "clear", "warm") if args[a])
+        return run_cache_command(settings, action, day=args["DAY"], as_json=args["--json"],
+                                 tier=args["--tier"], yes=args["--yes"],
+                                 start=args["START"], end=args["END"])
     if args["convert"]:
-        return convert(settings, args["AMOUNT"], args["CURRENCY"], args["DATE"])
+        return convert(settings, args["AMOUNT"], args["CURRENCY"], args["DATE"],
+                       as_json=args["--json"])
     if args["demo"]:
         from .demo import run_demo
         try:
-            duration_s = float(args["--duration"]) if args["--duration"] else None
-            rate = float(args["--rate"])
-        except ValueError:
-            print("exrate-service: --duration and --rate take numbers", file=sys.stderr)
-            return 2
-        return run_demo(settings, duration_s=duration_s, rate=rate)
+            duration_s = _positive("--duration", args["--duration"])
+            rate = _positive("--rate", args["--rate"]) or 20.0
+        except ValueError as e:
+            return _usage_error(str(e))
+        # JSON logs: the summary is one more event, so every line of the demo parses
+        out = (lambda text: log.info("%s", text)) if settings.log_format == "json" else print
+        return run_demo(settings.replace(redis_url=None), duration_s=duration_s, rate=rate,
+                        out=out)
     if args["simulate"]:
         from .simulator.tool import options_from_args, run_simulate
         try:
             options = options_from_args(args)
         except ValueError as e:
-            print(f"exrate-service: simulate: {e}", file=sys.stderr)
-            return 2
+            return _usage_error(f"simulate: {e}")
         return run_simulate(options)
     return run(settings)
 
 
-def setup_logging(settings: Settings) -> None:
-    """One line per event on stdout, UTC timestamps, secrets redacted from every logger."""
-    from .cache.redis import redis_password  # the Redis password is a secret too
-    formatter = RedactingFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        secrets=[settings.access_key, redis_password(settings.redis_url)])
-    formatter.converter = time.gmtime  # UTC, like the protocol's dates
-    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
-    formatter.default_msec_format = "%s.%03dZ"
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-    messages = logging.getLogger("exrate_green.messages")
-    messages.setLevel(logging.INFO if settings.show_messages else logging.WARNING)
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # platforms read logs through a pipe
+def _positive(flag: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{flag} must be a positive number, got {text!r}")
+    return value
+
+
+def _usage_error(problem: str) -> int:
+    print(f"exrate-service: {problem} ({HELP_POINTER})", file=sys.stderr)
+    return 2
+
+
+def _config_error(e: ConfigError) -> int:
+    print(f"exrate-service: configuration error: {e} (all variables: {VARIABLES_DOC})",
+          file=sys.stderr)
+    return 2
+
+
+def _pipe_closed() -> int:
+    """The reader of stdout went away: end quietly, as ``head`` expects of a Unix tool.
+
+    Later writes (the interpreter flushes stdout at exit) go to /dev/null instead of
+    raising a second BrokenPipeError that Python would print."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
 
 
 def run(settings: Settings) -> int:
-    """Run the service until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run the service until SIGTERM/SIGINT; a second signal exits at once.
+
+    The metrics port is bound first: a taken port is one line and exit 2, before any
+    connection is made or any summary is logged.
+    """
     import gevent
 
+    from .metrics import bind_metrics_port, raise_fd_limit
     from .service import Service
 
+    listener = None
+    if settings.metrics_port is not None:
+        raise_fd_limit()
+        try:
+            listener = bind_metrics_port(settings.metrics_host, settings.metrics_port)
+        except OSError as e:  # the port is taken, needs privileges, or the host is not ours
+            print(f"exrate-service: configuration error: EXRATE_METRICS_PORT="
+                  f"{settings.metrics_port} on {settings.metrics_host or 'all interfaces'}: "
+                  f"cannot listen ({e.strerror or e}): choose a free port", file=sys.stderr)
+            return 2
     runtime = Runtime(settings)
     service = Service(settings, runtime.book)
 
-    def on_signal(signum):
+    def on_signal(signum: int) -> None:
         if service.stopping:
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(128 + signum)
@@ -174,25 +252,25 @@ def run(settings: Settings) -> int:
              __version__, settings.provider, settings.url, settings.cache_dir)
     metrics = None
     try:
-        if settings.metrics_port is not None:
+        if listener is not None:
             from .metrics import MetricsServer
-            try:
-                metrics = MetricsServer(service, settings.metrics_port).start()
-            except OSError as e:  # the port is taken, or needs privileges
-                log.error("EXRATE_METRICS_PORT=%d: cannot listen: %s",
-                          settings.metrics_port, e.strerror or e)
-                return 1
+            metrics = MetricsServer(service, settings.metrics_port or 0,
+                                    host=settings.metrics_host, listener=listener).start()
         return service.run()
     finally:
         if metrics is not None:
             metrics.stop()
-        log.info("summary: %s", service.summary_line())
+        line = service.summary_line()
+        # the same figures as keys of a JSON event (Service.summary_fields: see logs.Summary)
+        log.info("summary: %s", line, extra=service.summary_fields)
         runtime.close()
         log.info("stopped")
 
 
-def convert(settings: Settings, amount: str, currency: str, date: str | None) -> int:
-    """Print one conversion computed exactly as the service computes a reply."""
+def convert(settings: Settings, amount: str, currency: str, date: str | None,
+            as_json: bool = False) -> int:
+    """Print one conversion computed exactly as the service computes a reply: a sentence,
+    or with ``as_json`` one JSON object (numbers exact, as the reply writes them)."""
     today = datetime.datetime.now(datetime.UTC).date()
     try:
         stake = protocol.read_stake(_decimal(amount))
@@ -211,10 +289,22 @@ def convert(settings: Settings, amount: str, currency: str, date: str | None) ->
         return 1
     finally:
         runtime.close()
-    print(f"{stake} {code} = {stake_eur} EUR on {day.isoformat()} "
-          f"(rate {rate} {code}/EUR, {table.provider} publication of "
-          f"{table.published.isoformat()})")
+    if as_json:
+        print(_json_object(amount=stake, currency=code, day=day.isoformat(),
+                           stake_eur=stake_eur, rate=rate, provider=table.provider,
+                           published=table.published.isoformat()))
+    else:
+        print(f"{stake} {code} = {stake_eur} EUR on {day.isoformat()} "
+              f"(rate {rate} {code}/EUR, {table.provider} publication of "
+              f"{table.published.isoformat()})")
     return 0
+
+
+def _json_object(**fields: Any) -> str:
+    """One line of JSON; a Decimal is written as the number it is, digit for digit."""
+    return "{" + ", ".join(
+        f"{json.dumps(key)}: {value if isinstance(value, Decimal) else json.dumps(value)}"
+        for key, value in fields.items()) + "}"
 
 
 def _decimal(amount: str) -> Decimal:

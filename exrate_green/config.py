@@ -7,6 +7,7 @@ the entry point and the result is passed down.
 
 import dataclasses
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,12 @@ from typing import Any
 from .errors import ConfigError
 
 PROVIDERS = ("ecb", "frankfurter", "exchangerate.host")
+LOG_FORMATS = ("text", "json")
+#: the spellings a boolean variable accepts (any case); anything else is refused
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+#: where the full variable table lives (``--help`` and error lines point there)
+VARIABLES_DOC = "README.md, section Configuration"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: the spellings logging itself accepts besides LOG_LEVELS
 LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
@@ -37,8 +44,13 @@ class Settings:
     redis_verify: bool = True
     #: seconds a write may make no progress before the connection is abandoned
     send_timeout_s: float = 30.0
-    #: serve /metrics and /healthz on this port (all interfaces); None: nothing listens
+    #: serve /metrics and /healthz on this port; None: nothing listens
     metrics_port: int | None = None
+    #: the address the metrics port binds: all interfaces by default, so a platform's
+    #: health check from outside the container reaches it; "127.0.0.1" keeps it local
+    metrics_host: str = "0.0.0.0"
+    #: "text" (one readable line per event) or "json" (one JSON object per line)
+    log_format: str = "text"
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 2.0
     http_timeout_s: float = 5.0
@@ -131,6 +143,14 @@ class Settings:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"{name('log_level')}: unknown log level {self.log_level!r}: "
                               f"choose one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"{name('log_format')} must be text or json, "
+                              f"got {self.log_format!r}")
+        if not _HOST.fullmatch(self.metrics_host):
+            raise ConfigError(f"{name('metrics_host')} must be an IP address or a host name "
+                              f"(127.0.0.1 keeps the port local), got {self.metrics_host!r}")
+        if self.redis_url is not None:
+            _check_redis_url(name("redis_url"), self.redis_url)
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"{name('ca_file')}: CA file {self.ca_file!r} does not exist")
 
@@ -144,51 +164,81 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-# (environment variable, field, parser)
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``, any case; ``ValueError`` otherwise."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(text)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value != value:  # NaN compares false with everything: refuse it by name
+        raise ValueError(text)
+    return value
+
+
+_SECONDS = "a positive number of seconds"
+_BOOLEAN = "1/0, true/false, yes/no or on/off"
+
+# (environment variable, field, parser, what a valid value is: the error line says it)
 _ENVIRONMENT = (
-    ("EXRATE_URL", "url", str),
-    ("EXRATE_PROVIDER", "provider", str.lower),
-    ("EXCHANGE_ACCESS_KEY", "access_key", str),
-    ("EXCHANGERATE_HOST_URL", "exchangerate_host_url", str),
-    ("FRANKFURTER_URL", "frankfurter_url", str),
-    ("EXRATE_CACHE_DIR", "cache_dir", Path),
-    ("EXRATE_CACHE_TTL", "cache_ttl_s", float),
-    ("EXRATE_HEARTBEAT_INTERVAL", "heartbeat_interval_s", float),
-    ("EXRATE_HEARTBEAT_TIMEOUT", "heartbeat_timeout_s", float),
-    ("EXRATE_HTTP_TIMEOUT", "http_timeout_s", float),
-    ("EXRATE_SHUTDOWN_GRACE", "shutdown_grace_s", float),
-    ("EXRATE_SHOW_MESSAGES", "show_messages", lambda v: v.strip().lower() in ("1", "true", "yes")),
-    ("LOG_LEVEL", "log_level", str.upper),
-    ("EXRATE_REDELIVERY_WINDOW", "redelivery_window_s", float),
-    ("EXRATE_MAX_IN_FLIGHT", "max_in_flight", int),
-    ("EXRATE_SUMMARY_INTERVAL", "summary_interval_s", float),
-    ("EXRATE_CA_FILE", "ca_file", str),
-    ("EXRATE_STALL_EXIT", "stall_exit_s", float),
-    ("EXRATE_STALE_IF_ERROR", "stale_if_error_s", float),
-    ("REDIS_URL", "redis_url", str),
-    ("EXRATE_REDIS_VERIFY", "redis_verify",
-     lambda v: v.strip().lower() not in ("0", "false", "no")),
-    ("EXRATE_SEND_TIMEOUT", "send_timeout_s", float),
-    ("EXRATE_METRICS_PORT", "metrics_port", int),
-    ("EXRATE_FETCH_CONCURRENCY", "fetch_concurrency", int),
+    ("EXRATE_URL", "url", str, "a ws:// or wss:// URL"),
+    ("EXRATE_PROVIDER", "provider", str.lower, "a provider name"),
+    ("EXCHANGE_ACCESS_KEY", "access_key", str, "an access key"),
+    ("EXCHANGERATE_HOST_URL", "exchangerate_host_url", str, "an http:// or https:// URL"),
+    ("FRANKFURTER_URL", "frankfurter_url", str, "an http:// or https:// URL"),
+    ("EXRATE_CACHE_DIR", "cache_dir", Path, "a directory"),
+    ("EXRATE_CACHE_TTL", "cache_ttl_s", _seconds, _SECONDS),
+    ("EXRATE_HEARTBEAT_INTERVAL", "heartbeat_interval_s", _seconds, _SECONDS),
+    ("EXRATE_HEARTBEAT_TIMEOUT", "heartbeat_timeout_s", _seconds, _SECONDS),
+    ("EXRATE_HTTP_TIMEOUT", "http_timeout_s", _seconds, _SECONDS),
+    ("EXRATE_SHUTDOWN_GRACE", "shutdown_grace_s", _seconds, _SECONDS),
+    ("EXRATE_SHOW_MESSAGES", "show_messages", parse_bool, _BOOLEAN),
+    ("LOG_LEVEL", "log_level", str.upper, "a log level"),
+    ("LOG_FORMAT", "log_format", str.lower, "text or json"),
+    ("EXRATE_REDELIVERY_WINDOW", "redelivery_window_s", _seconds, _SECONDS),
+    ("EXRATE_MAX_IN_FLIGHT", "max_in_flight", int, "a whole number >= 1"),
+    ("EXRATE_SUMMARY_INTERVAL", "summary_interval_s", _seconds, _SECONDS),
+    ("EXRATE_CA_FILE", "ca_file", str, "a file"),
+    ("EXRATE_STALL_EXIT", "stall_exit_s", _seconds, _SECONDS),
+    ("EXRATE_STALE_IF_ERROR", "stale_if_error_s", _seconds,
+     "a number of seconds >= 0 (0: never)"),
+    ("REDIS_URL", "redis_url", str, "a redis://, rediss:// or unix:// URL"),
+    ("EXRATE_REDIS_VERIFY", "redis_verify", parse_bool, _BOOLEAN),
+    ("EXRATE_SEND_TIMEOUT", "send_timeout_s", _seconds, _SECONDS),
+    ("EXRATE_METRICS_PORT", "metrics_port", int, "a port number (0-65535)"),
+    ("EXRATE_METRICS_HOST", "metrics_host", str.strip, "an IP address or a host name"),
+    ("EXRATE_FETCH_CONCURRENCY", "fetch_concurrency", int, "a whole number 1-256"),
 )
 
 
 #: field -> the environment variable that sets it
-VARIABLES = {field: variable for variable, field, _ in _ENVIRONMENT}
+VARIABLES = {field: variable for variable, field, _, _ in _ENVIRONMENT}
 
 
 def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {"cache_dir": default_cache_dir(env)}
-    for variable, field, parse in _ENVIRONMENT:
+    for variable, field, parse, expected in _ENVIRONMENT:
         raw = env.get(variable)
         if raw is None or raw == "":
             continue
         try:
             values[field] = parse(raw)
         except ValueError:
-            raise ConfigError(f"{variable}={raw!r} is not valid") from None
+            raise ConfigError(f"{variable} must be {expected}, got {_shown(variable, raw)}") \
+                from None
     return values
+
+
+def _shown(variable: str, raw: str) -> str:
+    """``raw`` quoted for an error line; a URL that may hold a password is masked."""
+    if variable == "REDIS_URL":
+        return repr(_masked_url(raw))
+    return repr(raw[:80] + ("..." if len(raw) > 80 else ""))
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -206,3 +256,32 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{variable} is not a valid URL ({e}): {url!r}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise ConfigError(f"{variable} must be a {wanted} URL, got {url!r}")
+
+
+#: an IPv4/IPv6 literal or a DNS name: what ``socket.bind`` can be given
+_HOST = re.compile(r"[0-9A-Za-z.:%_-]{1,253}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _masked_url(url: str) -> str:
+    """``url`` with the password of its user part masked (it is a secret)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _check_redis_url(variable: str, url: str) -> None:
+    """A ``redis://host``, ``rediss://host`` or ``unix:///path`` URL, else ``ConfigError``
+    (one line, password masked). The Redis tier checks the same when it opens; checking
+    here refuses it at start, in every command, before anything connects."""
+    shown = _masked_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ConfigError(f"{variable} is not a valid URL: {shown!r}") from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ConfigError(f"{variable} must be a redis://, rediss:// or unix:// URL, "
+                          f"got {shown!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{variable} must name a host (redis://HOST:PORT), got {shown!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"{variable} must name a socket path (unix:///PATH), got {shown!r}")

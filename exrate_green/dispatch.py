@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from . import protocol, serving
 from .delivery import Delivery
-from .errors import RateError
+from .errors import INTERNAL, RateError
 from .protocol import Request
 from .rates.book import RateBook
 from .rates.table import RateTable
@@ -124,7 +124,7 @@ class Dispatch:
                     replies.append(serving.answer(request, outcome, stamp, errors))
             except Exception:  # a bug must still leave the request answered
                 log.exception("converting request %r failed", request.id)
-                errors.append("internal")
+                errors.append(INTERNAL)
                 replies.append(protocol.error_reply(request.id, "internal error"))
         for kind in errors:
             self.stats.error(kind)

@@ -86,3 +86,12 @@ class ProtocolViolation(ConnectionClosed):
     def __init__(self, cause: str, code: int) -> None:
         super().__init__(cause)
         self.code = code
+
+
+#: the ``kind`` of the error reply to a request a bug kept from being converted
+INTERNAL = "internal"
+#: every ``kind`` an error reply can have: the metrics export each at 0 from the start and
+#: the summary line counts each, so a rule or a drain has a series before the first error
+ERROR_REASONS = tuple(sorted({cls.kind for cls in (
+    ProtocolError, RateError, UnsupportedCurrency, DateOutOfRange, RateUnavailable)}
+    | {INTERNAL}))

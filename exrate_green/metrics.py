@@ -7,20 +7,27 @@ counters the service, its session, the rate book and the cache keep anyway (a cu
 
 The endpoint is a WSGI app served by ``gevent.pywsgi`` on the service's hub (not
 prometheus-client's threaded server): a scrape is a short greenlet reading counters.
-``MetricsServer`` belongs to the service's lifetime: ``cli.run`` starts it when
-``EXRATE_METRICS_PORT`` is set and stops it when the service ends. Without the variable
-nothing listens.
+``MetricsServer`` belongs to the service's lifetime: ``cli.run`` binds its port before
+anything else (a taken port is a configuration error) and stops it when the service ends.
+Without ``EXRATE_METRICS_PORT`` nothing listens.
+
+The port may be exposed (``EXRATE_METRICS_HOST``), so it defends itself (``guard.py``):
+at most ``max_connections`` at once, an idle timeout, a request budget per second (a
+flood of scrapes waits rather than taking the hub), the exposition cached for
+``EXPOSITION_TTL_S``, malformed requests counted and logged at most once a minute without
+tracebacks, and a reserve of file descriptors it never eats into.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import platform
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,12 +39,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from . import __version__
+from .errors import ERROR_REASONS
+from .metrics_guard import GuardedHandler, GuardedServer, bind_metrics_port, raise_fd_limit
 from .stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from .rates.book import RateBook
     from .rates.lane import ProviderLane
     from .service import Service
+
+__all__ = ["MetricsApp", "MetricsServer", "ServiceCollector", "bind_metrics_port",
+           "health_of", "raise_fd_limit"]
 
 log = logging.getLogger("exrate_green.metrics")
 
@@ -76,8 +89,9 @@ class ServiceCollector(Collector):
                        stats.replies)
         errors = CounterMetricFamily(
             "exrate_error_replies", "Error replies, by reason class.", labels=["reason"])
-        for kind, count in sorted(stats.errors_by_kind.items()):
-            errors.add_metric([kind], count)
+        by_kind = stats.errors_by_kind
+        for kind in sorted(set(ERROR_REASONS) | set(by_kind)):  # every reason, 0 included
+            errors.add_metric([kind], by_kind.get(kind, 0))
         yield errors
         yield _counter("exrate_skipped_messages", "Messages without an id, logged and skipped.",
                        stats.skipped)
@@ -262,31 +276,130 @@ def health_of(service: Service) -> dict[str, Any]:
     return result
 
 
+class BuildInfoCollector(Collector):
+    """``exrate_build_info{version, python}`` = 1: which build a series comes from."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("exrate_build_info",
+                                 "Always 1; the labels say which build is running.",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+class TierCollector(Collector):
+    """``exrate_cache_tier_up{tier}``: 1 while a cache tier works, 0 while it fails (a
+    Redis that is down) or is off; what /healthz reports as the tiers' states."""
+
+    def __init__(self, tiers: TierStates) -> None:
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("exrate_cache_tier_up",
+                               "1 while the cache tier works, 0 while it fails or is off.",
+                               labels=["tier"])
+        for tier, state in self.tiers.states().items():
+            up.add_metric([tier], 1 if state == "ok" else 0)
+        yield up
+
+
+#: seconds a /metrics exposition is served again before it is computed anew: a flood of
+#: scrapes costs one exposition per second, whatever its rate
+EXPOSITION_TTL_S = 1.0
+#: seconds between two active probes of the Redis tier by /healthz
+TIER_PROBE_EVERY_S = 5.0
+
+
 class MetricsApp:
     """The WSGI app: ``/metrics``, ``/healthz``, and 404 for anything else."""
 
-    def __init__(self, service: Service, *, process_metrics: bool = True) -> None:
+    def __init__(self, service: Service, *, process_metrics: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service
+        self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(service))
+        self.registry.register(BuildInfoCollector())
+        self._tiers = TierStates(service, clock)
+        self.registry.register(TierCollector(self._tiers))
         if process_metrics:  # RSS, CPU seconds, open fds: read from /proc at scrape time
             ProcessCollector(registry=self.registry)
+        self.expositions = 0  # how many times the exposition was computed (tests, docs)
+        self._exposition = (float("-inf"), b"")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _respond(start_response, "405 Method Not Allowed", b"GET only\n")
         if path == "/metrics":
-            return _respond(start_response, "200 OK", generate_latest(self.registry),
-                            CONTENT_TYPE_LATEST)
+            return _respond(start_response, "200 OK", self.exposition(), CONTENT_TYPE_LATEST)
         if path == "/healthz":
-            health = health_of(self.service)
-            status = "200 OK" if health["healthy"] else "503 Service Unavailable"
-            body = {"status": "ok" if health["healthy"] else "unavailable",
-                    **{k: v for k, v in health.items() if k != "healthy"}}
+            status, body = self.health()
             return _respond(start_response, status, orjson.dumps(body) + b"\n",
                             "application/json")
         return _respond(start_response, "404 Not Found", b"try /metrics or /healthz\n")
+
+    def exposition(self) -> bytes:
+        """The Prometheus text, computed at most once per ``EXPOSITION_TTL_S``."""
+        made_at, text = self._exposition
+        now = self.clock()
+        if now - made_at >= EXPOSITION_TTL_S:
+            text = generate_latest(self.registry)
+            self._exposition = (now, text)
+            self.expositions += 1
+        return text
+
+    def health(self) -> tuple[str, dict[str, Any]]:
+        """(HTTP status, JSON body): 503 only when the service cannot serve; a failing
+        cache tier (Redis down) is ``degraded`` with 200, since memory and disk still
+        answer."""
+        health = health_of(self.service)
+        tiers = self._tiers.states()
+        if not health["healthy"]:
+            status, word = "503 Service Unavailable", "unavailable"
+        else:
+            status = "200 OK"
+            word = "ok" if all(state == "ok" for state in tiers.values()) else "degraded"
+        body = {"status": word, "version": __version__,
+                **{k: v for k, v in health.items() if k != "healthy"}, "tiers": tiers}
+        return status, body
+
+
+class TierStates:
+    """Each cache tier's state for /healthz: ``ok``, ``degraded`` (failing; the service
+    goes on without it) or ``off`` (not available in this process).
+
+    A Redis that was never asked could be dead without anyone knowing: when its state is
+    older than ``TIER_PROBE_EVERY_S`` it is probed (one bounded call, through the tier's
+    own failure accounting), never more often, whatever the /healthz rate.
+    """
+
+    def __init__(self, service: Any, clock: Callable[[], float]) -> None:
+        self.service = service
+        self.clock = clock
+        self._probed_at = float("-inf")
+
+    def states(self) -> dict[str, str]:
+        cache = getattr(getattr(self.service, "book", None), "cache", None)
+        tiers = getattr(cache, "tiers", None) or ([cache] if cache is not None else [])
+        result = {"memory": "ok"}
+        for tier in tiers:
+            name = getattr(tier, "name", "disk")
+            if name == "redis":
+                self._maybe_probe(tier)
+            enabled = getattr(tier, "enabled", True)
+            result[name] = "ok" if enabled else ("degraded" if name == "redis" else "off")
+        return result
+
+    def _maybe_probe(self, tier: Any) -> None:
+        now = self.clock()
+        if now - self._probed_at < TIER_PROBE_EVERY_S:
+            return
+        self._probed_at = now
+        call, client = getattr(tier, "_call", None), getattr(tier, "_client", None)
+        if call is not None and client is not None:
+            # the tier's own bounded call: a failure rests the tier and warns (rate-limited)
+            call("ping", client.ping)
 
 
 def _respond(start_response: StartResponse, status: str, body: bytes,
@@ -298,12 +411,21 @@ def _respond(start_response: StartResponse, status: str, body: bytes,
 
 
 class MetricsServer:
-    """``MetricsApp`` on ``host:port`` (port 0: any free one), served by gevent.pywsgi."""
+    """``MetricsApp`` on ``host:port`` (port 0: any free one), served by gevent.pywsgi
+    behind the guards of ``metrics_guard`` (see there for the bounds).
 
-    def __init__(self, service: Service, port: int, host: str = "0.0.0.0") -> None:
+    ``listener``: a socket already bound by ``bind_metrics_port`` (``cli.run`` binds it
+    before connecting, so a taken port is refused at once); else the port is bound here.
+    """
+
+    def __init__(self, service: Service, port: int, host: str = "0.0.0.0", *,
+                 listener: Any = None, max_connections: int = 32,
+                 idle_timeout_s: float = 10.0, requests_per_s: float = 20.0) -> None:
         self.app = MetricsApp(service)
-        # log=None: a scrape every few seconds must not become a log line each time.
-        self.server = WSGIServer((host, port), self.app, log=None, error_log=log)
+        self.server = GuardedServer(
+            listener if listener is not None else bind_metrics_port(host, port), self.app,
+            max_connections=max_connections, idle_timeout_s=idle_timeout_s,
+            requests_per_s=requests_per_s, handler_class=GuardedHandler)
 
     @property
     def port(self) -> int:
@@ -311,7 +433,10 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self.server.start()
-        log.info("metrics and health on port %d: /metrics, /healthz", self.port)
+        host = self.server.server_host or "0.0.0.0"
+        where = " (every interface)" if host in ("0.0.0.0", "::") else ""
+        log.info("metrics and health on %s port %d%s: /metrics, /healthz", host, self.port,
+                 where)
         return self
 
     def stop(self, timeout_s: float = 1.0) -> None:

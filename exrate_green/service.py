@@ -25,7 +25,8 @@ from .backoff import Backoff
 from .connection import handshake
 from .delivery import Delivery
 from .dispatch import Dispatch
-from .errors import ConnectionClosed
+from .errors import ERROR_REASONS, ConnectionClosed
+from .logs import Summary
 from .session import Ended, Session
 from .stall import Progress, StallWatchdog
 from .stats import Stats
@@ -75,6 +76,7 @@ class Service:
         #: why the last connection (or connect) ended, for /healthz
         self.last_disconnect: str | None = None
         self._last_summary_at = clock()
+        self._summary = Summary()
 
     # -- the supervisor ------------------------------------------------------------------
 
@@ -225,28 +227,36 @@ class Service:
                 trimmed_at = self.stats.requests
                 memory.trim()
             if self.clock() - self._last_summary_at >= self.settings.summary_interval_s:
-                log.info("summary: %s", self.summary_line())
+                line = self.summary_line()
+                log.info("summary: %s", line, extra=self.summary_fields)
 
     def summary_line(self) -> str:
-        """The summary's fields as ``key=value`` (latency figures cover the interval since
-        the last line; every count is since start)."""
+        """The summary line in l2met form (``logs.format_summary``): ``count#`` figures are
+        events since the previous line (a drain sums them), ``sample#`` figures are levels
+        now and latency percentiles of the interval. ``summary_fields`` then holds the
+        same figures as flat keys, for a JSON log event. docs/operations.md lists them."""
         self._last_summary_at = self.clock()
-        s = self.stats
-        p50, p99 = s.take_latency_percentiles()
-        book = self.book
-        cache = book.cache
-        return (f"requests={s.requests} replies={s.replies} delivered={s.delivered} "
-                f"errors={s.errors} skipped={s.skipped} "
-                f"p50_ms={_ms(p50)} p99_ms={_ms(p99)} "
-                f"connect_attempts={s.connect_attempts} connect_failures={s.connect_failures} "
-                f"connects={s.connects} reconnects={s.reconnects} "
-                f"redelivered={s.redelivered} dropped={s.dropped} "
-                f"possibly_lost={s.possibly_lost} in_flight={len(self.dispatch)} "
-                f"outbox={len(self.delivery.outbox)} kept={len(self.delivery.kept)} "
-                f"memory_hits={book.memory_hits} cache_hits={cache.hits} "
-                f"cache_misses={cache.misses} rate_api_calls={book.api_calls} "
-                f"rate_api_fetches={book.fetches} "
-                f"failed_lookups={self.dispatch.waiting.failed_lookups}")
+        s, book = self.stats, self.book
+        p50_s, p99_s = s.take_latency_percentiles()
+        counts = {
+            "requests": s.requests, "replies": s.replies, "delivered": s.delivered,
+            "errors": s.errors,
+            **{f"errors.{reason}": s.errors_by_kind[reason] for reason in ERROR_REASONS},
+            "skipped": s.skipped, "redelivered": s.redelivered, "dropped": s.dropped,
+            "possibly_lost": s.possibly_lost, "connect_attempts": s.connect_attempts,
+            "connect_failures": s.connect_failures, "connects": s.connects,
+            "reconnects": s.reconnects, "memory_hits": book.memory_hits,
+            "cache_hits": book.cache.hits, "cache_misses": book.cache.misses,
+            "rate_api_calls": book.api_calls, "rate_api_fetches": book.fetches,
+            "failed_lookups": self.dispatch.waiting.failed_lookups}
+        levels = {"p50_ms": _ms(p50_s), "p99_ms": _ms(p99_s), "in_flight": len(self.dispatch),
+                  "outbox": len(self.delivery.outbox), "kept": len(self.delivery.kept)}
+        return self._summary.line(counts, levels)
+
+    @property
+    def summary_fields(self) -> dict[str, float | int]:
+        """The last summary line's figures as flat keys (``count.requests``...)."""
+        return self._summary.fields
 
     def link_state(self) -> LinkState:
         """What ``/healthz`` needs to know of the link, read now."""
@@ -277,6 +287,6 @@ class LinkState:
         self.last_disconnect = last_disconnect
 
 
-def _ms(seconds: float | None) -> str:
-    """Seconds as milliseconds for the summary; ``-`` when there is no figure."""
-    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+def _ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds for the summary; None (left out) when there is no figure."""
+    return None if seconds is None else seconds * 1000

@@ -12,16 +12,14 @@ from __future__ import annotations
 import bisect
 import collections
 
+from .errors import ERROR_REASONS
 from .sampling import Reservoir
 
-__all__ = ["ERROR_KINDS", "LATENCY_BUCKETS_S", "Stats"]
+__all__ = ["LATENCY_BUCKETS_S", "Stats"]
 
 #: upper bounds (seconds) of the reply latency histogram's buckets; one more counts the rest
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                      5.0, 10.0)
-#: every ``ExrateError.kind`` an error reply can have (so each series exists from the start)
-ERROR_KINDS = ("invalid_request", "unsupported_currency", "rate_unavailable", "no_rate",
-               "internal")
 #: latency samples kept per summary interval (sorted in ~3 ms)
 LATENCY_SAMPLES = 20_000
 
@@ -43,7 +41,7 @@ class Stats:
         self.skipped = 0  # messages without an id, logged and skipped
         #: error replies by ``ExrateError.kind`` (every known kind present from the start)
         self.errors_by_kind: collections.Counter[str] = collections.Counter(
-            dict.fromkeys(ERROR_KINDS, 0))
+            dict.fromkeys(ERROR_REASONS, 0))
         # delivery: a reply's life
         self.replies = self.delivered = self.redelivered = 0
         self.dropped = self.possibly_lost = 0

@@ -9,8 +9,24 @@ from __future__ import annotations
 import re
 
 #: the actions of ``cache``
-CACHE_ACTIONS = ("list", "show", "stats", "clear")
+CACHE_ACTIONS = ("list", "show", "stats", "clear", "warm")
 HELP_POINTER = "see 'exrate-service --help'"
+
+#: options every command takes
+_COMMON = {"--log-level", "-h", "--help", "--version"}
+#: the options each command uses (None: the service itself); any other is refused, so an
+#: option that would be silently ignored (``demo --url``: the demo is sealed) is an error
+COMMAND_OPTIONS: dict[str | None, set[str]] = {
+    None: {"--show-messages", "--url", "--provider", "--cache-dir"},
+    "demo": {"--duration", "--rate", "--show-messages", "--provider"},
+    "cache": {"--json", "--provider", "--cache-dir", "--tier", "--yes"},
+    "convert": {"--json", "--provider", "--cache-dir"},
+    "simulate": {"--host", "--port", "--rate", "--poisson", "--duration", "--faults",
+                 "--report", "--requests", "--dates", "--seed", "--drain", "--rate-api",
+                 "--rate-api-latency", "--rate-api-fail"},
+}
+#: options of one cache action only
+_CACHE_ACTION_OPTIONS = {"--tier": "clear", "--yes": "clear"}
 
 
 def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
@@ -35,7 +51,46 @@ def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
             continue
         positionals.append(arg)
     return (_positional_problem(positionals, _commands(doc))
-            or _misplaced(doc, positionals, given) or _docopt_problem(docopt_message))
+            or _refused(positionals, given) or _docopt_problem(docopt_message))
+
+
+def refused_option(doc: str, argv: list[str]) -> str | None:
+    """One line naming an option ``argv`` gives to a command that does not use it, else
+    None. docopt's ``[options]`` lets every command take every option; this is stricter."""
+    flags, valued = _options(doc)
+    positionals: list[str] = []
+    given: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            positionals.extend(args)
+            break
+        if arg.startswith("-") and arg != "-":
+            known = _expand(arg.split("=", 1)[0], flags | valued)
+            if known is not None:
+                given.append(known)
+                if known in valued and "=" not in arg:
+                    next(args, None)
+            continue
+        positionals.append(arg)
+    return _refused(positionals, given)
+
+
+def _refused(positionals: list[str], given: list[str]) -> str | None:
+    command = positionals[0] if positionals else None
+    allowed = COMMAND_OPTIONS.get(command)
+    if allowed is None:
+        return None  # an unknown command: said elsewhere
+    where = f"'{command}'" if command else "the service itself (no command)"
+    for option in given:
+        if option not in allowed | _COMMON:
+            why = " (the demo is sealed: it uses its own simulator and cache)" \
+                if command == "demo" and option in ("--url", "--cache-dir") else ""
+            return f"{option} is not an option of {where}{why}"
+        action = _CACHE_ACTION_OPTIONS.get(option)
+        if command == "cache" and action and positionals[1:2] != [action]:
+            return f"{option} is an option of 'cache {action}' only"
+    return None
 
 
 def _usage_lines(doc: str) -> list[str]:
@@ -53,25 +108,9 @@ def _usage_lines(doc: str) -> list[str]:
 
 def _commands(doc: str) -> list[str]:
     """The commands of ``doc``'s usage (``demo``, ``cache``, ...), in order."""
-    return [line.split()[0] for line in _usage_lines(doc)
-            if line and line.split()[0].isalpha()]
-
-
-def _misplaced(doc: str, positionals: list[str], given: list[str]) -> str | None:
-    """An option that a usage line names explicitly, given to a command whose line does not.
-
-    (docopt's ``[options]`` covers only the options no usage line names.)
-    """
-    lines = _usage_lines(doc)
-    usage = " ".join(lines)
-    command = positionals[0] if positionals else None
-    mine = next((line for line in lines if command and line.startswith(command + " ")),
-                lines[0] if lines else "")
-    for option in given:
-        if option in usage and option not in mine:
-            where = f"'{command}'" if command else "the service itself (no command)"
-            return f"{option} is not an option of {where}"
-    return None
+    commands = [line.split()[0] for line in _usage_lines(doc)
+                if line and line.split()[0].isalpha()]
+    return list(dict.fromkeys(commands))  # cache has a line per action
 
 
 def _positional_problem(positionals: list[str], commands: list[str]) -> str | None:
@@ -95,7 +134,7 @@ def _positional_problem(positionals: list[str], commands: list[str]) -> str | No
 
 
 def _cache_problem(rest: list[str]) -> str | None:
-    actions = "list, show DAY, stats or clear"
+    actions = "list, show DAY, stats, clear or warm START END"
     if not rest:
         return f"cache needs an action: {actions}"
     action, extra = rest[0], rest[1:]
@@ -103,7 +142,9 @@ def _cache_problem(rest: list[str]) -> str | None:
         return f"unknown cache action {action!r}: choose {actions}"
     if action == "show" and not extra:
         return "cache show needs a DAY (YYYY-MM-DD)"
-    allowed = 1 if action == "show" else 0
+    if action == "warm" and len(extra) < 2:
+        return "cache warm needs START and END (YYYY-MM-DD), e.g. cache warm 2024-01-01 2024-03-31"
+    allowed = {"show": 1, "warm": 2}.get(action, 0)
     if len(extra) > allowed:
         return f"cache {action}: unexpected {extra[allowed]!r}"
     return None

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,3 +114,20 @@ LOCKER = """
     time.sleep(float(sys.argv[2]))
     con.execute("ROLLBACK")
 """
+
+
+_SUMMARY_FIGURE = re.compile(r"\b(count|sample)#exrate\.([\w.]+)=([-\d.]+)")
+
+
+def summary_totals(output: str) -> dict[str, float]:
+    """The service's summary lines in ``output`` read as a log drain would: every
+    ``count#`` figure summed over the lines (they are per interval), the last ``sample#``
+    figure kept (a level)."""
+    totals: dict[str, float] = {}
+    for line in output.splitlines():
+        if "summary: " not in line:
+            continue
+        for kind, name, value in _SUMMARY_FIGURE.findall(line):
+            number = float(value)
+            totals[name] = totals.get(name, 0) + number if kind == "count" else number
+    return totals

@@ -181,7 +181,7 @@ def test_cache_commands_show_every_tier_and_never_the_redis_password(tmp_path, c
         assert len(shown) == 1 and shown[0]["tiers"] == ["disk", "redis"]
 
         out = io.StringIO()
-        assert run_cache_command(settings, "clear", out=out) == 0
+        assert run_cache_command(settings, "clear", out=out, yes=True) == 0
         assert out.getvalue() == "disk: removed 3 cached tables\nredis: removed 4 cached tables\n"
         assert raw(server).keys("exrate-green:*") == []
         outputs.append(out.getvalue())

@@ -25,7 +25,8 @@ def test_help_and_version_exit_0(tmp_path):
     ([], {"EXRATE_URL": "http://example.com"}, "EXRATE_URL must be a ws:// or wss:// URL"),
     (["--provider=fixer"], {}, "unknown provider 'fixer'"),
     ([], {"EXRATE_HEARTBEAT_TIMEOUT": "-1"}, "EXRATE_HEARTBEAT_TIMEOUT must be a positive number"),
-    ([], {"EXRATE_HTTP_TIMEOUT": "soon"}, "EXRATE_HTTP_TIMEOUT='soon' is not valid"),
+    ([], {"EXRATE_HTTP_TIMEOUT": "soon"},
+     "EXRATE_HTTP_TIMEOUT must be a positive number of seconds, got 'soon'"),
     ([], {"LOG_LEVEL": "LOUD"}, "unknown log level 'LOUD'"),
     ([], {"EXRATE_PROVIDER": "exchangerate.host"}, "needs EXCHANGE_ACCESS_KEY"),
 ])

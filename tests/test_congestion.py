@@ -12,7 +12,6 @@ heartbeat timeouts.
 """
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -25,13 +24,11 @@ import pytest
 import exrate_green.rates.http  # noqa: F401  imported up front: importing requests is slow
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import ServiceProcess, running_service, wait_until
+from .support import ServiceProcess, running_service, summary_totals, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 PEER = Path(__file__).resolve().parent / "ws_peer.py"
-SUMMARY = re.compile(r"summary: requests=(\d+) replies=(\d+) delivered=(\d+) .*"
-                     r"redelivered=(\d+) dropped=(\d+) possibly_lost=(\d+)")
 
 
 class Peer:
@@ -223,8 +220,9 @@ def test_sigterm_against_a_peer_that_stopped_reading_exits_within_the_grace(tmp_
     out = service.output
     assert code == 0, out[-3000:]
     assert exit_s < grace_s + margin_s, exit_s
-    requests, replies, delivered, _, dropped, lost = map(
-        int, SUMMARY.findall(out)[-1])
+    totals = summary_totals(out)
+    requests, replies, delivered, dropped, lost = (int(totals[name]) for name in (
+        "requests", "replies", "delivered", "dropped", "possibly_lost"))
     assert dropped + lost > 0, out[-2000:]  # what could not be written or acknowledged
     assert requests == replies + dropped, (requests, replies, dropped)  # each one accounted
     assert report["client_closes"] == [], report  # it read nothing, not even a close frame

@@ -20,11 +20,10 @@ import pytest
 
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import ServiceProcess
+from .support import ServiceProcess, summary_totals
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
-SUMMARY = re.compile(r"summary: requests=(\d+) replies=(\d+) .*redelivered=(\d+) dropped=(\d+)")
 IN_FLIGHT = re.compile(r"stopping: (\d+) conversion\(s\) in flight")
 
 
@@ -55,7 +54,9 @@ def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_pat
     out = service.output
     assert code == 0, out[-3000:]
     assert exit_s < 10.0, exit_s  # within the grace (10 s); typically 1-3 s
-    requests, replies, redelivered, dropped = map(int, SUMMARY.findall(out)[-1])
+    totals = summary_totals(out)
+    requests, replies, redelivered, dropped = (int(totals[name]) for name in (
+        "requests", "replies", "redelivered", "dropped"))
     in_flight = int(IN_FLIGHT.search(out).group(1))
     assert in_flight > 0, "SIGTERM came when nothing was in flight: the test proves nothing"
     assert dropped == 0 and requests == replies, (requests, replies, dropped)
@@ -88,7 +89,9 @@ def test_a_conversion_past_the_grace_is_dropped_and_the_exit_is_on_time(tmp_path
     # the exit comes within the grace plus the documented margin
     assert 0.75 <= exit_s < 1.0 + 1.0 + 0.6, exit_s
     assert "grace period over: 1 conversion(s) abandoned" in out, out[-3000:]
-    requests, replies, redelivered, dropped = map(int, SUMMARY.findall(out)[-1])
+    totals = summary_totals(out)
+    requests, replies, redelivered, dropped = (int(totals[name]) for name in (
+        "requests", "replies", "redelivered", "dropped"))
     assert (requests, dropped) == (1, 1)
     assert up.wait_for_reply(rid, 0) is None
     print(f"\nFIGURES sigterm past grace: exit 0 after {exit_s:.2f} s (grace 1 s), 1 dropped")

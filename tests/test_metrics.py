@@ -196,7 +196,7 @@ def test_the_service_serves_metrics_on_exrate_metrics_port_and_stops_with_it(tmp
             process.kill()
             output = process.stdout.read().decode()
     assert process.returncode == 0, output
-    assert f"metrics and health on port {port}" in output
+    assert f"metrics and health on 0.0.0.0 port {port} (every interface)" in output
 
 
 def test_without_exrate_metrics_port_nothing_listens(tmp_path):

@@ -1,8 +1,9 @@
-"""``exrate-service cache (list | show DAY | stats | clear) [--json]``: every tier at once.
+"""``exrate-service cache (list | show DAY | stats | clear | warm START END) [--json]``.
 
 Memory is per process and gone with it, so the tiers shown are disk and, when
 ``REDIS_URL`` is set, Redis. A tier that cannot be read is reported on stderr (exit 1);
-the others are still shown.
+the others are still shown. ``clear`` takes ``--tier`` and asks before deleting Redis keys
+(the whole fleet's) unless ``--yes``; ``warm`` lives in ``warm.py``.
 """
 
 from __future__ import annotations
@@ -19,42 +20,59 @@ from .redis import RedisTier
 if TYPE_CHECKING:
     from ..config import Settings
 
-ACTIONS = ("list", "show", "stats", "clear")
+ACTIONS = ("list", "show", "stats", "clear", "warm")
+TIERS = ("disk", "redis")
 
 
 def run_cache_command(settings: Settings, action: str,
                       day: str | datetime.date | None = None, as_json: bool = False,
-                      out: TextIO | None = None) -> int:
+                      out: TextIO | None = None, *, tier: str | None = None,
+                      yes: bool = False, start: str | None = None, end: str | None = None,
+                      answer: TextIO | None = None) -> int:
     """Run ``exrate-service cache ACTION``; returns the exit code.
 
     ``out`` defaults to ``sys.stdout`` (looked up at call time). 0 on success, 2 for a bad
-    action or DAY (one line on stderr), 1 if a tier cannot be read.
+    action, DAY, tier or window, or a ``clear`` not confirmed (one line on stderr), 1 if a
+    tier cannot be read. ``tier`` limits ``clear`` to one tier; ``yes`` skips its question,
+    read from ``answer`` (default stdin, asked only on a terminal). ``start``/``end``:
+    ``warm``'s window.
     """
     out = sys.stdout if out is None else out
     if action not in ACTIONS:
         return _usage_error(f"unknown cache action {action!r}: choose one of "
                             f"{', '.join(ACTIONS)}")
+    if action == "warm":
+        from .warm import run_warm
+        return run_warm(settings, start, end, as_json=as_json, out=out)
     if action == "show":
         try:
             day = _parse_day(day)
         except ValueError as e:
             return _usage_error(str(e))
+    if tier is not None and tier not in TIERS:
+        return _usage_error(f"--tier must be disk or redis, got {tier!r}")
+    if tier == "redis" and not settings.redis_url:
+        return _usage_error("--tier=redis: REDIS_URL is not set, there is no Redis tier")
     try:
-        tiers = _open_tiers(settings)
+        tiers = _open_tiers(settings, only=tier if action == "clear" else None)
     except ConfigError as e:
         print(f"exrate-service: configuration error: {e}", file=sys.stderr)
         return 2
+    if action == "clear" and not yes and not _confirmed(tiers, answer):
+        for each in tiers:
+            each.close()
+        return 2
     results, failed = {}, False
     try:
-        for tier in tiers:
+        for each in tiers:
             try:
-                results[tier.name] = _ACTIONS[action](tier, day)
+                results[each.name] = _ACTIONS[action](each, day)
             except CacheError as e:
-                print(f"exrate-service cache {action}: {tier.name}: {e}", file=sys.stderr)
+                print(f"exrate-service cache {action}: {each.name}: {e}", file=sys.stderr)
                 failed = True
     finally:
-        for tier in tiers:
-            tier.close()
+        for each in tiers:
+            each.close()
     result = _MERGE[action](results, settings)
     if as_json:
         print(json.dumps(result, indent=2), file=out)
@@ -63,15 +81,41 @@ def run_cache_command(settings: Settings, action: str,
     return 1 if failed else 0
 
 
-def _open_tiers(settings):
+def _open_tiers(settings, only=None):
+    """The disk tier and, with REDIS_URL, the Redis tier (``only``: that one alone)."""
     redis = None
-    if settings.redis_url:  # first: a bad REDIS_URL is refused before the disk is opened
+    if settings.redis_url and only in (None, "redis"):
+        # first: a bad REDIS_URL is refused before the disk is opened
         redis = RedisTier(settings.redis_url, settings.cache_ttl_s,
                           stale_s=settings.stale_if_error_s, verify=settings.redis_verify)
+    if only == "redis":
+        return [redis] if redis is not None else []
     disk = TableCache(settings.cache_dir, settings.cache_ttl_s,
                       stale_s=settings.stale_if_error_s)
     disk.open()
     return [disk] + ([redis] if redis is not None else [])
+
+
+def _confirmed(tiers, answer=None):
+    """True if clearing ``tiers`` may go ahead: no Redis tier among them (a process's own
+    disk cache is cheap to refill), or the user said yes on a terminal. Redis holds the
+    whole fleet's tables: never wiped by a script that did not say ``--yes``."""
+    redis = next((tier for tier in tiers if tier.name == "redis"), None)
+    if redis is None:
+        return True
+    stream = sys.stdin if answer is None else answer
+    if not stream.isatty():
+        print(f"exrate-service cache clear: would delete the Redis tables at {redis.where}, "
+              f"shared by every process of the fleet: confirm with --yes "
+              f"(or --tier=disk for this machine's cache only)", file=sys.stderr)
+        return False
+    print(f"Delete every rate table in Redis at {redis.where}, shared by every process "
+          f"of the fleet? [y/N] ", end="", file=sys.stderr, flush=True)
+    reply = stream.readline().strip().lower()
+    if reply in ("y", "yes"):
+        return True
+    print("exrate-service cache clear: not confirmed, nothing deleted", file=sys.stderr)
+    return False
 
 
 def _usage_error(message):

@@ -164,6 +164,8 @@ class Simulation:
             up.start()
             api = f", rate API at {self.rate_api.url}" if self.rate_api is not None else ""
             self.out(f"simulate: listening on {up.url}{api}")
+            variables = client_variables(str(up.url), self.rate_api)
+            self.out(f"simulate: point a client at it with: {variables}")
             if not self._wait_for_client():
                 return self._report(None, None, None, "no client connected")
             started, cpu_start = time.monotonic(), _cpu_s()
@@ -260,6 +262,17 @@ class Simulation:
                 "latency_ms": round(opts.rate_api_latency_s * 1000, 1),
                 "failing": opts.rate_api_fail}
         return report
+
+
+def client_variables(url: str, rate_api: Any = None) -> str:
+    """The environment a client needs to use this simulator (and its fake rate API):
+    ``EXRATE_URL=ws://... FRANKFURTER_URL=http://.../v1 EXCHANGERATE_HOST_URL=http://...``."""
+    words = [f"EXRATE_URL={url}"]
+    if rate_api is not None:
+        words += [f"FRANKFURTER_URL={rate_api.url}/v1", f"EXCHANGERATE_HOST_URL={rate_api.url}",
+                  "EXRATE_PROVIDER=frankfurter (or exchangerate.host with any "
+                  "EXCHANGE_ACCESS_KEY)"]
+    return " ".join(words)
 
 
 def options_from_args(args: Mapping[str, Any]) -> SimulateOptions:
