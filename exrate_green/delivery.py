@@ -245,8 +245,8 @@ class Delivery:
                     new += 1
         stats.replies += new
         if self.show_messages:
-            for reply, _ in taken:
-                messages_log.info("send %s", protocol.shown(reply))
+            for reply, _ in taken:  # the formatter escapes it (text) or encodes it (JSON)
+                messages_log.info("send %s", reply.decode("utf-8", "replace"))
 
     def unwrite(self, chunk: Chunk) -> None:
         """The rest of ``chunk`` was never (wholly) written: back to the outbox front."""
