@@ -70,9 +70,10 @@ class Connection:
     def __init__(self, sock: socket.socket | MeteredSocket, max_frame_bytes: int = 1 << 20,
                  *, send_timeout_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S,
                  before_close: Callable[[], object] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 close_after_acks: bool = False) -> None:
         self.sock = sock if isinstance(sock, MeteredSocket) else MeteredSocket(
-            sock, send_timeout_s=send_timeout_s, clock=clock)
+            sock, send_timeout_s=send_timeout_s, clock=clock, close_after_acks=close_after_acks)
         self.max_frame_bytes = max_frame_bytes
         self.close_wait_s = close_wait_s
         self.before_close = before_close

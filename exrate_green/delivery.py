@@ -53,7 +53,7 @@ NEW, CARRIED, CARRIED_WRITTEN = 0, 1, 2
 class SendLog:
     """Replies written on one connection whose bytes the peer has not acknowledged yet.
 
-    Each entry is a reply and the stream offset just past its frame. ``settle(acked)``
+    Each entry is a reply and the stream offset just past its frame. ``forget_acked(acked)``
     forgets (and counts) the entries the peer acknowledged; what is left when the
     connection dies is the unacknowledged tail, to send again.
     """
@@ -70,7 +70,7 @@ class SendLog:
         self._ends.extend(ends)
         self._replies.extend(replies)
 
-    def settle(self, acked: int | None) -> int:
+    def forget_acked(self, acked: int | None) -> int:
         """Forget the replies wholly acknowledged up to stream offset ``acked``; returns
         how many (0 when ``acked`` is unknown)."""
         if acked is None:
@@ -176,7 +176,7 @@ class Delivery:
         """The connection ended at ``ended_at`` and the peer acknowledged our stream up to
         ``acked`` (None: unknown). What it did not deliver is kept for the next one,
         before anything made since (the queue stays in time order, oldest first)."""
-        self.stats.delivered += self.sent.settle(acked)
+        self.stats.delivered += self.sent.forget_acked(acked)
         unacked = self.sent.take()
         leftovers = [(reply, True) for reply in unacked]
         leftovers += [(reply, how == CARRIED_WRITTEN) for reply, how in self.outbox]
@@ -267,7 +267,7 @@ class Delivery:
 
     def acked(self, upto: int | None) -> None:
         """The peer acknowledged our stream up to offset ``upto`` (None: unknown)."""
-        self.stats.delivered += self.sent.settle(upto)
+        self.stats.delivered += self.sent.forget_acked(upto)
 
     def _update_room(self) -> None:
         if self.outbox_bytes <= OUTBOX_BYTES:

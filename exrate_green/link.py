@@ -16,9 +16,10 @@
 * the kernel's send queue (Linux ``SIOCOUTQ``: bytes unsent or not yet acknowledged by
   the peer), read after each write and once more just before the socket is closed, so the
   replies the peer's TCP never acknowledged can be sent again on the next connection.
-  So ``close()`` only marks the socket dying (``shutdown()`` is done at once: the peer
-  sees the end): whoever owns it calls ``settle_and_close()`` (the session does,
-  always), which reads the queue and closes.
+  So an owner that wants that reading builds the socket with ``close_after_acks=True``:
+  then ``close()`` only marks it dying (``shutdown()`` is done at once: the peer sees
+  the end), and the owner calls ``close_reading_acks()`` (the session does, always),
+  which reads the queue and closes. Without the flag ``close()`` closes.
 
 ``delivery.SendLog`` is the record that maps those bytes back to replies.
 """
@@ -52,8 +53,10 @@ class MeteredSocket:
     """A connected (gevent) socket that measures parking, writes and the send queue."""
 
     def __init__(self, sock: socket.socket, *, send_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 close_after_acks: bool = False) -> None:
         self._sock = sock
+        self.close_after_acks = close_after_acks
         # the plain socket under gevent's (non-blocking), for writes that must not wait;
         # None under TLS, whose records cannot be written half-way from here
         raw = getattr(sock, "_sock", None)
@@ -69,7 +72,7 @@ class MeteredSocket:
         self.parked_since: float | None = None
         self.parked_s = 0.0  # seconds parked since reset_parked()
         self.unacked_at_close: int | None = None  # SIOCOUTQ read just before the socket closed
-        self.dying = False  # close() called: the real one is deferred
+        self.dying = False  # close() called: the real one waits for close_reading_acks()
         self.fin_sent = False  # shut down (our FIN is queued behind the data)
 
     def __getattr__(self, name):
@@ -175,7 +178,7 @@ class MeteredSocket:
     def shutdown(self, how: int) -> None:
         """Shut both directions down now (the peer sees the connection end: never two
         live at once), sending our FIN behind the bytes still queued. The socket itself
-        stays open until ``settle_and_close()``: its send queue is still to be read."""
+        stays open until ``close()`` (or ``close_reading_acks()``)."""
         if self.fin_sent:
             return
         reset = self._tcp_state()[0] == _TCP_CLOSE  # then no FIN is queued
@@ -186,10 +189,17 @@ class MeteredSocket:
             pass  # already reset or closed: no FIN in the queue
 
     def close(self) -> None:
-        """Deferred to ``settle_and_close()`` (see ``shutdown``)."""
-        self.dying = True
+        """Close the socket; with ``close_after_acks`` only mark it dying: its send
+        queue is still to be read by ``close_reading_acks()``."""
+        if self.close_after_acks:
+            self.dying = True
+            return
+        try:
+            self._sock.close()
+        except (OSError, ValueError):
+            pass
 
-    def settle_and_close(self) -> None:
+    def close_reading_acks(self) -> None:
         """Read the send queue one last time, then really close the socket.
 
         The peer's acknowledgements of bytes already in flight get a moment to arrive
@@ -204,7 +214,7 @@ class MeteredSocket:
             if self.unacked_at_close is None:
                 fd = self._sock.fileno()
                 unacked = self._unacked_data(fd)
-                self.unacked_at_close = self._settle(fd, unacked) if unacked else 0
+                self.unacked_at_close = self._wait_for_acks(fd, unacked) if unacked else 0
         except (OSError, ValueError):
             pass
         finally:
@@ -219,7 +229,7 @@ class MeteredSocket:
         queued = _ioctl_int(fd, _OUTQ)
         return max(queued - 1, 0) if self.fin_sent else queued
 
-    def _settle(self, fd, unacked):
+    def _wait_for_acks(self, fd, unacked):
         state, rtt_s = self._tcp_state()
         if state == _TCP_CLOSE:
             return unacked

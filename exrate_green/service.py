@@ -4,8 +4,8 @@
 requests (``dispatch.Dispatch``), every reply's life (``delivery.Delivery``), the counters
 (``stats.Stats``) and the stall watchdog's ``Progress``. It connects (with the one
 ``Backoff`` policy between failures), hands each connection to a ``session.Session``
-together with those collaborators, and when the session ends settles its socket while the
-next connection opens. It knows nothing of frames, replies or rates itself.
+together with those collaborators, and when the session ends releases its socket while
+the next connection opens. It knows nothing of frames, replies or rates itself.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Service:
                 if sock is None:  # stop() came while connecting
                     break
                 failures, ending = self._serve(sock, failures)
-            self._settled(ending)
+            self._released(ending)
             self.stopped.wait(self.settings.shutdown_grace_s + 1)
             return 0
         finally:
@@ -120,7 +120,7 @@ class Service:
 
     def _connect(self, ending: gevent.Greenlet | None) -> socket.socket | None:
         """A new connection's socket; meanwhile the last session (``ending``, a greenlet
-        settling its socket) hands its undelivered replies back to delivery."""
+        releasing its socket) hands its undelivered replies back to delivery."""
         settings = self.settings
 
         def open_or_fail():
@@ -132,7 +132,7 @@ class Service:
 
         self._connecting = gevent.spawn(open_or_fail)
         try:
-            self._settled(ending)
+            self._released(ending)
             sock = self._connecting.get()
             if isinstance(sock, ConnectionClosed):
                 raise sock
@@ -142,7 +142,7 @@ class Service:
 
     def _serve(self, sock: socket.socket, failures: int) -> tuple[int, gevent.Greenlet | None]:
         """Serve ``sock`` until its connection ends; returns (failures so far, the greenlet
-        settling its socket)."""
+        releasing its socket)."""
         if self.stopping:  # stop() came while we were connecting
             sock.close()
             return failures, None
@@ -156,7 +156,7 @@ class Service:
             ended = session.run()
         finally:
             self.session = None
-            ending = gevent.spawn(session.settle)
+            ending = gevent.spawn(session.release)
         self.last_disconnect = ended.cause
         if self.stopping:
             log.info("disconnected: %s", ended.cause)
@@ -173,8 +173,8 @@ class Service:
             return 0
         return min(failures, 1) if ended.violation else failures + 1
 
-    def _settled(self, ending: gevent.Greenlet | None) -> None:
-        """Wait for an ended session to settle its socket (see ``_connect``)."""
+    def _released(self, ending: gevent.Greenlet | None) -> None:
+        """Wait for an ended session to release its socket (see ``_connect``)."""
         if ending is not None:
             ending.join()
         self._between_sessions.set()

@@ -78,7 +78,7 @@ class Session:
         self.clock = clock
         self.conn = Connection(sock, settings.max_frame_bytes,
                                send_timeout_s=settings.send_timeout_s, clock=clock,
-                               before_close=self._flush_before_close)
+                               before_close=self._flush_before_close, close_after_acks=True)
         self.sock = self.conn.sock
         self.writer = Writer(self.conn, self.sock, delivery, stats)
         self.last_heartbeat_at = clock()  # for logs; the rule is parked time
@@ -109,10 +109,10 @@ class Session:
             self.writer.abandon()
         return Ended(cause, self.conn.violation is not None, self.heartbeats_received)
 
-    def settle(self) -> None:
+    def release(self) -> None:
         """After ``run()``: close the socket, reading its send queue first, and tell
         delivery what the peer acknowledged. Runs while the next connection opens."""
-        self.sock.settle_and_close()
+        self.sock.close_reading_acks()
         self.delivery.detach(self.ended_at or self.clock(), self.sock.acked_offset())
 
     @property
@@ -121,7 +121,7 @@ class Session:
 
     def end(self, cause: str) -> None:
         """End the session: no more reading or writing (the socket itself is closed by
-        ``settle()``, once its unacknowledged bytes are known)."""
+        ``release()``, once its unacknowledged bytes are known)."""
         if not self.ended.ready():
             self.ended_at = self.clock()
             self.ended.set(cause)
@@ -207,7 +207,7 @@ class Session:
         while True:
             self.progress.heartbeat_turned()
             self.writer.beat()
-            self.writer.settle()
+            self.writer.read_acks()
             due += interval_s
             delay_s = due - self.clock()
             if delay_s < 0:  # we fell behind (a stalled hub): restart the schedule, no burst

@@ -110,7 +110,7 @@ class Writer:
                 self._write_blocking()
             self._idle.set()
 
-    def settle(self) -> None:
+    def read_acks(self) -> None:
         """Read what the peer acknowledged (an ioctl): after writes, when the log of
         written replies is long, and from the heartbeat timer."""
         self.delivery.acked(self.sock.acked_offset())
@@ -168,4 +168,4 @@ class Writer:
             self.stats.heartbeats_sent += 1
         self.delivery.chunk_done()
         if self.delivery.wants_acks():
-            self.settle()
+            self.read_acks()

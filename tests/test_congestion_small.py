@@ -146,7 +146,7 @@ def test_the_redelivery_queue_stays_in_time_order_after_a_failed_redelivery(tmp_
         # A new connection takes the kept replies first, and dies under them.
         _, ended = service._serve(_dead_connection(), 0)
         service.delivery.post([b'"new"'])  # made after it died, before it was settled
-        service._settled(ended)
+        service._released(ended)
         kept = list(service.delivery.kept)
         assert [reply for _, reply, _ in kept] == [b'"old-1"', b'"old-2"', b'"new"']
         assert [when for when, _, _ in kept] == sorted(when for when, _, _ in kept)
