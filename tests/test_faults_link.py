@@ -84,7 +84,8 @@ class Cycler:
     def quiesce(self):
         """No requests, none in flight: the state the baseline and the end are measured in."""
         self.up.pause_requests()
-        assert wait_until(lambda: not self.service.dispatch.waiting and not self.service.delivery.kept, 5)
+        service = self.service
+        assert wait_until(lambda: not service.dispatch.waiting and not service.delivery.kept, 5)
         gevent.sleep(0.3)  # the last replies reach the simulator, idle greenlets end
         gc.collect()
 

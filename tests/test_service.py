@@ -214,8 +214,8 @@ def test_back_pressure_bounds_waiting_conversions(tmp_path):
             up.url, tmp_path, provider="frankfurter", frankfurter_url=api.frankfurter_url,
             max_in_flight=5) as service:
         up.wait_for_connections(1, 5)
-        watcher = gevent.spawn(lambda: [peak.append(len(service.dispatch.waiting)) or gevent.sleep(0.01)
-                                        for _ in range(300)])
+        watcher = gevent.spawn(lambda: [
+            peak.append(len(service.dispatch.waiting)) or gevent.sleep(0.01) for _ in range(300)])
         day = datetime.date(2021, 1, 4)
         ids = [up.send_request(payload(date=(day + datetime.timedelta(i)).isoformat()))
                for i in range(20)]
