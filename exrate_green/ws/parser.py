@@ -130,7 +130,13 @@ class Parser:
         if header is None:
             return pos
         opcode, fin, length, mask_at, head = header
-        ruling = self._admit(events, opcode, fin, length)
+        # what RFC 6455 lets come now: READ the payload, SKIP it (oversize) or STOP (violation)
+        if opcode >= 8:
+            ruling = self._admit_control(events, fin, length)
+        elif self._kind is None:
+            ruling = self._admit_first(events, opcode, fin, length)
+        else:
+            ruling = self._admit_continuation(events, opcode, fin, length)
         if ruling is _STOP:
             return pos
         if ruling is _SKIP:
@@ -182,18 +188,9 @@ class Parser:
             return None
         return opcode, first & 0x80, length, mask_at, head
 
-    def _admit(self, events: list[Event], opcode: int, fin: int, length: int) -> object:
-        """What the frame whose header says ``opcode, fin, length`` gets, by RFC 6455's
-        rules on what may come when: ``_READ`` its payload, ``_SKIP`` it (oversize), or
-        ``_STOP`` (a violation, now in ``events``)."""
-        if opcode >= 8:
-            return self._admit_control(events, fin, length)
-        if self._kind is None:
-            return self._admit_first(events, opcode, fin, length)
-        return self._admit_continuation(events, opcode, fin, length)
-
     def _admit_control(self, events: list[Event], fin: int, length: int) -> object:
-        """Control frames may come anywhere, but whole and with at most 125 bytes."""
+        """Control frames may come anywhere, but whole and with at most 125 bytes; ->
+        ``_READ`` or ``_STOP`` (with the violation in ``events``)."""
         if fin and length <= MAX_CONTROL_PAYLOAD:
             return _READ
         self._fail(events, Violation(
@@ -202,7 +199,8 @@ class Parser:
         return _STOP
 
     def _admit_first(self, events: list[Event], opcode: int, fin: int, length: int) -> object:
-        """The first frame of a message: text or binary, not a continuation."""
+        """The first frame of a message: text or binary, not a continuation; -> ``_READ``,
+        ``_SKIP`` (over ``max_message_bytes``: reported, then discarded) or ``_STOP``."""
         if opcode == OP_CONTINUATION:
             self._fail(events, Violation(
                 CLOSE_PROTOCOL_ERROR, "continuation frame with nothing to continue"))
@@ -215,7 +213,8 @@ class Parser:
     def _admit_continuation(self, events: list[Event], opcode: int, fin: int, length: int
                             ) -> object:
         """Inside a fragmented message only continuations may come; the rest of an
-        oversize message is discarded, and a message growing over the limit becomes one."""
+        oversize message is discarded (``_SKIP``), and a message growing over the limit
+        becomes one."""
         if opcode != OP_CONTINUATION:
             self._fail(events, Violation(
                 CLOSE_PROTOCOL_ERROR, "new data frame inside a fragmented message"))
@@ -346,7 +345,7 @@ class Parser:
 
 _RESERVED = frozenset(range(16)) - {OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING,
                                     OP_PONG}
-_READ, _SKIP, _STOP = object(), object(), object()  # what _admit rules for a frame
+_READ, _SKIP, _STOP = object(), object(), object()  # what _admit_* rule for a frame
 _INVALID_TEXT = Violation(CLOSE_INVALID_DATA, "text message that is not valid UTF-8")
 
 
