@@ -1,6 +1,6 @@
 """Frame codec micro-benchmark: the codec before the ws package (commit c2caf8e) vs now.
 
-Usage: python tools/bench_frames.py [--before-commit=REV] [--rounds=N]
+Usage: python tools/bench_frames.py [--before-commit=REV] [--parser-before=REV] [--rounds=N]
 
 Times, in µs per frame (best of N rounds):
   - parsing one 256 KiB batch of ~250-byte unmasked text frames (one recv's worth, as the
@@ -11,6 +11,10 @@ Times, in µs per frame (best of N rounds):
   - the UTF-8 check the new parser adds (ASCII fast path, and the C decoder on non-ASCII).
 The old codec is read from git (``git show REV:exrate_green/connection.py``) into a
 temporary module, so this runs from a source checkout.
+
+``--parser-before=REV`` also times ``ws.Parser`` as it was at REV against this checkout's,
+alternating in the same run (the same two batches), to show what a change to the parser
+costs or saves per frame.
 """
 
 import argparse
@@ -40,13 +44,24 @@ def padded(template):
 
 
 def load_old_connection(rev):
-    source = subprocess.run(["git", "show", f"{rev}:exrate_green/connection.py"],
+    return load_from_git(rev, "exrate_green/connection.py", "old_connection",
+                         b"from .errors import", b"from exrate_green.errors import")
+
+
+def load_old_parser(rev):
+    return load_from_git(rev, "exrate_green/ws/parser.py", "old_parser",
+                         b"from .frames import", b"from exrate_green.ws.frames import")
+
+
+def load_from_git(rev, path, name, relative, absolute):
+    """The module at ``path`` as of ``rev``, its one relative import made absolute (it is
+    loaded apart from its package)."""
+    source = subprocess.run(["git", "show", f"{rev}:{path}"],
                             check=True, capture_output=True, cwd=os.path.dirname(__file__)).stdout
-    # the old module imports ``.errors`` relatively: make it a module of the package
-    source = source.replace(b"from .errors import", b"from exrate_green.errors import")
+    source = source.replace(relative, absolute)
     with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location("old_connection", f.name)
+    spec = importlib.util.spec_from_file_location(name, f.name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     os.unlink(f.name)
@@ -89,6 +104,16 @@ def bench_parse(old, batch, n, rounds):
     return best_us(before, after, rounds, n)
 
 
+def bench_parser_change(old_parser, batch, n, rounds):
+    def before():
+        assert len(old_parser.Parser("client").feed(batch)) == n
+
+    def after():
+        assert len(ws.Parser("client").feed(batch)) == n
+
+    return best_us(before, after, rounds, n)
+
+
 def bench_build(old, rounds, count=1000):
     replies = [padded(REPLY) % (1_000_000 + i) for i in range(count)]
 
@@ -115,6 +140,8 @@ def bench_utf8(rounds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before-commit", default="c2caf8e")
+    parser.add_argument("--parser-before", metavar="REV",
+                        help="also time ws.Parser as of REV against this checkout's")
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     old = load_old_connection(args.before_commit)
@@ -131,6 +158,8 @@ def main(argv=None):
     print(f"parse the same with one non-ASCII character per message (C UTF-8 decoder): "
           f"before {parse_old:.3f} µs/frame, after {parse_new:.3f} µs/frame "
           f"({parse_new / parse_old:.2f}x)")
+    if args.parser_before:
+        report_parser_change(args.parser_before, batch, n, wide, wide_n, args.rounds)
     build_old, build_new = bench_build(old, args.rounds)
     print(f"build 1,000 masked replies ({MESSAGE_BYTES} B) in one bytes object: "
           f"before {build_old:.3f} µs/frame, after {build_new:.3f} µs/frame "
@@ -140,6 +169,14 @@ def main(argv=None):
           f"usual case), bytes.decode {decode_us:.3f} µs (non-ASCII)")
     print(f"({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def report_parser_change(rev, batch, n, wide, wide_n, rounds):
+    old_parser = load_old_parser(rev)
+    for name, data, count in (("ASCII", batch, n), ("non-ASCII", wide, wide_n)):
+        before, after = bench_parser_change(old_parser, data, count, rounds)
+        print(f"ws.Parser at {rev} vs this checkout, {name} batch: before {before:.3f} "
+              f"µs/frame, after {after:.3f} µs/frame ({after / before:.2f}x)")
 
 
 if __name__ == "__main__":

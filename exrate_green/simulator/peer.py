@@ -2,14 +2,14 @@
 
 A ``Peer`` lives as long as its connection. ``serve()`` runs the reader in the calling
 greenlet (gevent-websocket's handler) and the background jobs (heartbeats, automatic
-requests) in a ``Group`` it kills when the connection ends. It reads the owning
-``Upstream``'s settings and fault switches, and adds to its ledger, judge and counters.
+requests) in a ``Group`` it kills when the connection ends. It is given the parts of
+its server it needs (``shared.Shared``: settings, fault switches, ledger, judge, counters),
+never the server itself, so the server is the one module that knows both.
 """
 
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 import gevent
 import gevent.pool
@@ -17,11 +17,9 @@ import gevent.pool
 from .. import ws
 from .judging import HEARTBEAT_FRAME, describe
 from .samples import BeatClock
+from .shared import Shared
 from .traffic import HEARTBEAT, Pacer, encode_auto_requests
 from .wire import WireClosed, WsWire
-
-if TYPE_CHECKING:
-    from .server import Upstream
 
 log = logging.getLogger("exrate_green.simulator")
 
@@ -35,8 +33,8 @@ class Peer:
     #: a slow-read fault reads at most this many bytes per pause
     SLOW_READ_BYTES, SLOW_READ_PAUSE_S = 4096, 0.05
 
-    def __init__(self, upstream: "Upstream", number: int, wire: WsWire, address: str | None):
-        self.up = upstream
+    def __init__(self, shared: Shared, number: int, wire: WsWire, address: str | None):
+        self.shared = shared
         self.number = number
         self.wire = wire
         self.address = address
@@ -47,9 +45,10 @@ class Peer:
     def serve(self) -> None:
         """Start the jobs and read until the connection ends; then end everything."""
         try:
-            if self.up.heartbeat_interval_s is not None:
+            settings = self.shared.settings
+            if settings.heartbeat_interval_s is not None:
                 self.jobs.spawn(self.heartbeat_job)
-            if self.up.request_rate > 0:
+            if settings.request_rate > 0:
                 self.jobs.spawn(self.request_job)
             self.read_job()
         finally:
@@ -59,17 +58,18 @@ class Peer:
 
     def heartbeat_job(self) -> None:
         """A heartbeat now and every ``heartbeat_interval_s``, on a drift-free schedule."""
-        up, interval = self.up, self.up.heartbeat_interval_s
+        switches, counters = self.shared.switches, self.shared.counters
+        interval = self.shared.settings.heartbeat_interval_s
         if interval is None:   # heartbeats disabled: serve() does not start this job
             return
         due = time.monotonic()
         while True:
-            if not up.heartbeats_paused:
+            if not switches.heartbeats_paused:
                 try:
                     self.wire.send_text(HEARTBEAT)
                 except WireClosed:
                     return
-                up.server_heartbeats += 1
+                counters.server_heartbeats += 1
             due += interval
             now = time.monotonic()
             if now - due > interval:   # fell a whole tick behind: resume from now, no burst
@@ -78,16 +78,17 @@ class Peer:
 
     def request_job(self) -> None:
         """Automatic requests at ``request_rate`` per second, in batches when behind."""
-        up = self.up
-        rng = random.Random(None if up.seed is None else f"{up.seed}/timing/{self.number}")
-        pacer = Pacer(up.request_rate, up.poisson, rng, time.monotonic())
+        settings, switches = self.shared.settings, self.shared.switches
+        seed = settings.seed
+        rng = random.Random(None if seed is None else f"{seed}/timing/{self.number}")
+        pacer = Pacer(settings.request_rate, settings.poisson, rng, time.monotonic())
         while True:
             gevent.sleep(max(0.0, pacer.due - time.monotonic()))   # sleep(0) still yields
             n = pacer.take(time.monotonic(), self.MAX_BATCH)
-            if up.requests_paused:
+            if switches.requests_paused:
                 continue
-            if up.max_requests is not None:
-                n = min(n, up.max_requests - up.auto_requests)
+            if settings.max_requests is not None:   # a cap on all connections together
+                n = min(n, settings.max_requests - self.shared.counters.auto_requests)
                 if n <= 0:
                     return
             if n and not self.send_auto_requests(n):
@@ -95,8 +96,8 @@ class Peer:
 
     def send_auto_requests(self, n: int) -> bool:
         """``n`` automatic requests in one write; False when the connection is gone."""
-        up, ledger = self.up, self.up.ledger
-        templates = up.maker.next_templates(n)
+        ledger, counters = self.shared.ledger, self.shared.counters
+        templates = self.shared.maker.next_templates(n)
         ids = ledger.allocate_many(n)
         frames = encode_auto_requests(ids, templates)
         ledger.register_many(ids, templates, self.number, time.monotonic())
@@ -105,17 +106,17 @@ class Peer:
         except WireClosed:
             for rid in ids:
                 ledger.unregister(rid)
-            up.send_failures += n
+            counters.send_failures += n
             return False
-        up.auto_requests += n
+        counters.auto_requests += n
         return True
 
     def read_job(self) -> None:
         """Judge every message the client sends until it closes, breaks the protocol or
         the socket ends."""
-        up, wire, judge = self.up, self.wire, self.up.judge
+        shared, wire, judge = self.shared, self.wire, self.shared.judge
         while True:
-            if up.slow_until and time.monotonic() < up.slow_until:
+            if shared.switches.reading_slowly(time.monotonic()):
                 gevent.sleep(self.SLOW_READ_PAUSE_S)
                 events = wire.recv_batch(self.SLOW_READ_BYTES)
             else:
@@ -127,7 +128,7 @@ class Peer:
                 try:
                     if kind == "text":
                         if judge.on_text(self.number, value, t, wall) == HEARTBEAT_FRAME:
-                            up.heartbeats.beat(self.beats, t)
+                            shared.heartbeats.beat(self.beats, t)
                     elif kind == "binary":
                         judge.on_binary(value)
                     elif kind == "oversize":
@@ -139,26 +140,28 @@ class Peer:
                 except Exception as e:  # a simulator bug must not end the connection
                     log.exception("upstream: error handling a frame")
                     judge.problem(f"simulator error on frame {describe(value)!r}: {e!r}")
-            up.notify()
+            shared.changed()
+
+    def start_closing(self, code: int | None, reason: str) -> bool:
+        """Send our close frame (``code=None``: no status), unless one was already sent or
+        answered (never two); -> whether it was sent now."""
+        if self.closing:
+            return False
+        self.closing = True
+        try:
+            self.wire.send_close(code, reason)
+        except WireClosed:
+            return False
+        return True
 
     def on_client_close(self, close: ws.Close) -> None:
         """Record the client's close frame and, if it started the closing handshake,
         answer it (once: never a close after ours)."""
         code = None if close.code == ws.CLOSE_NO_STATUS else close.code
-        self.up.record_client_close(code, close.reason)
-        if not self.closing:
-            self.closing = True
-            try:
-                self.wire.send_close(code if code is not None else ws.CLOSE_NORMAL, "")
-            except WireClosed:
-                pass
+        self.shared.closes.record(code, close.reason)
+        self.start_closing(code if code is not None else ws.CLOSE_NORMAL, "")
 
     def on_violation(self, violation: ws.Violation) -> None:
         """The client broke RFC 6455: a problem; fail the connection with its close code."""
-        self.up.judge.problem(f"protocol violation by the client: {violation.reason}")
-        if not self.closing:
-            self.closing = True
-            try:
-                self.wire.send_close(violation.code, violation.reason)
-            except WireClosed:
-                pass
+        self.shared.judge.problem(f"protocol violation by the client: {violation.reason}")
+        self.start_closing(violation.code, violation.reason)

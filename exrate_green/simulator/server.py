@@ -11,10 +11,11 @@ sent are recorded, never raised in the server. ``exrate-service simulate`` (``to
 runs it as a standalone server with a fault script and a JSON report.
 
 The jobs live in their own modules: ``peer`` (one connection: its reader, heartbeat and
-request jobs), ``wire`` (its frame I/O), ``traffic`` (what is sent and when), ``ledger``
-(request ids and what became of them), ``judging`` (reply validation and the score),
-``samples`` (bounded statistics). This module ties them together: the server, its
-connections, the fault controls and the report.
+request jobs), ``shared`` (the parts of the server a connection is given), ``wire`` (its
+frame I/O), ``traffic`` (what is sent and when), ``ledger`` (request ids and what became
+of them), ``judging`` (reply validation and the score), ``samples`` (bounded statistics).
+This module ties them together: the server, its connections, the fault controls and the
+report.
 
 Every connection runs in its pool greenlet (the reader) plus a ``gevent.pool.Group`` of
 background jobs (heartbeats, requests) killed when the connection ends. Memory is bounded
@@ -37,6 +38,7 @@ from .judging import Judge
 from .ledger import Ledger
 from .peer import Peer
 from .samples import Heartbeats
+from .shared import ClientCloses, Counters, PeerSettings, Shared, Switches
 from .traffic import (
     DEFAULT_CURRENCIES,
     DEFAULT_DATES,
@@ -52,11 +54,39 @@ log = logging.getLogger("exrate_green.simulator")
 __all__ = ["Upstream"]
 
 
+class _Kept:
+    """An attribute of ``Upstream`` kept in one of the parts it shares with its connections
+    (``part``: the attribute holding it), so the public name reads and sets the value the
+    connections see."""
+
+    def __init__(self, part: str, name: str = "") -> None:
+        self.part, self.name = part, name   # name "": the same as the Upstream attribute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, up: Any, owner: type | None = None) -> Any:
+        return self if up is None else getattr(getattr(up, self.part), self.name)
+
+    def __set__(self, up: Any, value: Any) -> None:
+        setattr(getattr(up, self.part), self.name, value)
+
+
 class Upstream:
     """The ``currency-assignment`` simulator; see the module docstring."""
 
     CLOSE_WAIT_S = 1.0   # after our close frame, how long to wait for the client's
     MAX_CLIENT_CLOSES = 100
+
+    # switches the fault controls set and the connections (``peer``) read
+    heartbeats_paused = _Kept("_switches")
+    requests_paused = _Kept("_switches")
+    slow_until = _Kept("_switches")     # monotonic end of a slow-read fault
+    # counters the connections add to
+    auto_requests = _Kept("_counters")  # automatic requests sent so far
+    server_heartbeats = _Kept("_counters")
+    send_failures = _Kept("_counters")
+    client_close_count = _Kept("_closes", "count")
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  heartbeat_interval_s: float | None = 1.0, request_rate: float = 0.0,
@@ -92,6 +122,9 @@ class Upstream:
         self.judge = Judge(self.ledger, keep_replies=keep_replies, latency_samples=latency_samples,
                            reply_date_tolerance_s=reply_date_tolerance_s)
         self.heartbeats = Heartbeats()
+        self._switches, self._counters = Switches(), Counters()
+        self._closes = ClientCloses(self.MAX_CLIENT_CLOSES)
+        self._shared: Shared | None = None   # what each connection is given, from start()
 
         self._pool = gevent.pool.Pool()
         self._server: WebSocketServer | None = None
@@ -99,20 +132,10 @@ class Upstream:
         self._conns: dict[int, Peer] = {}   # number -> live connection
         self.connections = 0            # accepted so far (WebSocket upgrades)
         self.max_connected = 0
-        # switches the fault controls set and the connections (``peer``) read
-        self.heartbeats_paused = False
-        self.requests_paused = False
-        self.slow_until = 0.0           # monotonic end of a slow-read fault
         self._refusing = False
         self._started_at: float | None = None
         self._changed = gevent.event.Event()
         self._waiting = 0
-        # counters the connections add to
-        self.auto_requests = 0          # automatic requests sent so far
-        self.server_heartbeats = 0
-        self.send_failures = 0
-        self.client_close_count = 0
-        self._client_closes: list[tuple] = []   # the first MAX_CLIENT_CLOSES (code, reason)
         self.garbage_sent = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -121,6 +144,7 @@ class Upstream:
             raise RuntimeError("Upstream already started")
         if self.request_rate > 0:   # ~60 ms once, rather than a slow first second of requests
             self.maker.prepare(lambda: gevent.sleep(0))   # in slices: the hub may be shared
+        self._shared = self._share()
         self._listen()
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:
@@ -129,6 +153,13 @@ class Upstream:
         self._started_at = time.monotonic()
         log.debug("upstream simulator listening on %s", self.url)
         return self
+
+    def _share(self) -> Shared:
+        """The parts each connection is given, its settings as they are now (at start)."""
+        settings = PeerSettings(self.heartbeat_interval_s, self.request_rate, self.poisson,
+                                self.seed, self.max_requests)
+        return Shared(settings, self._switches, self._counters, self.maker, self.ledger,
+                      self.judge, self.heartbeats, self._closes, self.notify)
 
     def _listen(self) -> None:
         kwargs = {"ssl_context": self.ssl_context} if self.ssl_context is not None else {}
@@ -198,15 +229,9 @@ class Upstream:
         wait = self.CLOSE_WAIT_S if wait is None else wait
         n = 0
         for conn in list(self._conns.values()):
-            if conn.closing:
-                continue
-            conn.closing = True
-            try:
-                conn.wire.send_close(code, reason)
-            except WireClosed:
-                continue
-            conn.jobs.add(gevent.spawn_later(wait, conn.wire.abort))
-            n += 1
+            if conn.start_closing(code, reason):
+                conn.jobs.add(gevent.spawn_later(wait, conn.wire.abort))
+                n += 1
         return n
 
     def _each_connection(self, send: Callable[[WsWire], None]) -> int:
@@ -355,7 +380,7 @@ class Upstream:
     def client_closes(self) -> list[tuple]:
         """(code or None, reason) of the close frames clients sent, in order (the first
         ``MAX_CLIENT_CLOSES``; ``client_close_count`` counts them all)."""
-        return list(self._client_closes)
+        return list(self._closes.first)
 
     def sent_on(self, id: Any) -> int | None:
         """Number (1 = first accepted) of the connection request ``id`` was sent on (None
@@ -411,7 +436,7 @@ class Upstream:
             "server_heartbeats": self.server_heartbeats,
             "client_heartbeats": self.heartbeats.count,
             "client_heartbeat_max_gap_s": _rounded(gap, 3),
-            "client_closes": list(self._client_closes),
+            "client_closes": list(self._closes.first),
             "elapsed_s": round(now - self._started_at, 3) if self._started_at else 0.0,
         }
 
@@ -421,8 +446,9 @@ class Upstream:
         if ws is None:
             start_response("426 Upgrade Required", [("Content-Type", "text/plain")])
             return [b"a WebSocket upgrade is required\n"]
+        assert self._shared is not None, "a connection before start()"
         self.connections += 1
-        peer = Peer(self, self.connections, WsWire(ws), environ.get("REMOTE_ADDR"))
+        peer = Peer(self._shared, self.connections, WsWire(ws), environ.get("REMOTE_ADDR"))
         self._conns[peer.number] = peer
         self.max_connected = max(self.max_connected, len(self._conns))
         log.debug("upstream: connection %d opened from %s", peer.number, peer.address)
@@ -438,9 +464,7 @@ class Upstream:
 
     def record_client_close(self, code: int | None, reason: str) -> None:
         """A client sent a close frame with ``code`` (None: no status) and ``reason``."""
-        self.client_close_count += 1
-        if len(self._client_closes) < self.MAX_CLIENT_CLOSES:
-            self._client_closes.append((code, reason))
+        self._closes.record(code, reason)
 
     def notify(self) -> None:
         """Wake ``wait_until`` callers: something they may wait for changed."""

@@ -52,12 +52,36 @@ _NEEDS_VALUE = {"pause": "seconds", "garbage": "a count", "slowread": "seconds"}
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
+    """One step of a fault script: ``action`` at ``at_s`` seconds, with its ``value`` as
+    the script gave it (``parse_faults`` checks it). Read the value through the property
+    that names what it means for the action: ``seconds``, ``count`` or ``close_code``."""
+
     at_s: float
     action: str
-    value: float | int | None = None
+    value: float | int | None = None   # an int for close and garbage, else a float
 
     def describe(self) -> str:
         return f"{self.at_s:g}:{self.action}" + ("" if self.value is None else f"={self.value:g}")
+
+    @property
+    def seconds(self) -> float:
+        """How long a pause or a slow read lasts, in seconds."""
+        return float(self._required())
+
+    @property
+    def count(self) -> int:
+        """How many garbage frames to send."""
+        return int(self._required())
+
+    @property
+    def close_code(self) -> int:
+        """The code of a close fault's close frame: 1000 when the script gave none."""
+        return 1000 if self.value is None else int(self.value)
+
+    def _required(self) -> float:
+        if self.value is None:
+            raise ValueError(f"fault {self.describe()}: {self.action} needs a value")
+        return self.value
 
 
 def parse_faults(script: str | None) -> list[Fault]:
@@ -217,21 +241,19 @@ class Simulation:
                                         "at_s": round(time.monotonic() - started, 3)})
 
     def apply(self, fault: Fault) -> None:
-        # parse_faults gives each action its value's type (close and garbage an int,
-        # slowread a float); mypy sees only Fault.value's union, hence the ignores below
         up = self.upstream
         log.info("simulate: fault %s", fault.describe())
         if fault.action == "pause":
             up.pause_heartbeats()
-            self.jobs.add(gevent.spawn_later(fault.value, up.resume_heartbeats))
+            self.jobs.add(gevent.spawn_later(fault.seconds, up.resume_heartbeats))
         elif fault.action == "drop":
             up.drop()
         elif fault.action == "close":
-            up.close(fault.value or 1000, "simulated close")  # type: ignore[arg-type]
+            up.close(fault.close_code, "simulated close")
         elif fault.action == "garbage":
-            up.send_garbage(fault.value)  # type: ignore[arg-type]
+            up.send_garbage(fault.count)
         elif fault.action == "slowread":
-            up.slow_read(fault.value)  # type: ignore[arg-type]
+            up.slow_read(fault.seconds)
 
     def _report(self, started, window, cpu_start, failure):
         opts, report = self.options, self.upstream.report()
