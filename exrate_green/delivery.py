@@ -22,6 +22,7 @@ The outbox has a byte bound: past ``OUTBOX_BYTES`` the reader stops reading
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -33,7 +34,7 @@ from . import protocol
 from .stats import Stats
 from .ws import build_text_frames, frame_bytes
 
-__all__ = ["CHUNK_BYTES", "OUTBOX_BYTES", "Chunk", "Delivery", "SendLog"]
+__all__ = ["CHUNK_BYTES", "OUTBOX_BYTES", "Chunk", "Delivery", "SendLog", "Sent"]
 
 log = logging.getLogger("exrate_green.service")
 messages_log = logging.getLogger("exrate_green.messages")
@@ -42,76 +43,127 @@ messages_log = logging.getLogger("exrate_green.messages")
 CHUNK_BYTES = 256 * 1024
 #: reply bytes the outbox holds before the reader stops reading (back-pressure)
 OUTBOX_BYTES = 1024 * 1024
+#: bytes of a heartbeat frame (it may lead a chunk)
+HEARTBEAT_FRAME_BYTES = frame_bytes(len(protocol.HEARTBEAT))
 #: written replies recorded before their acknowledgements are read (the log is bounded:
 #: past this, ``Delivery.wants_acks()`` asks the writer for the kernel's queue)
 SENDLOG_SOFT_LIMIT = 4096
 
-#: how a queued reply came to be queued (counted differently once written)
-NEW, CARRIED, CARRIED_WRITTEN = 0, 1, 2
+
+
+def _frame_ends(start: int, replies: list[bytes]) -> list[int]:
+    """Stream offsets just past each reply's frame, framed one after another from ``start``."""
+    ends = list(itertools.accumulate((frame_bytes(len(r)) for r in replies), initial=start))
+    del ends[0]
+    return ends
+
+
+class Sent:
+    """Replies written whole, one after another: the stream from ``start`` to ``end``."""
+
+    __slots__ = ("start", "end", "replies")
+
+    def __init__(self, start: int, end: int, replies: list[bytes]) -> None:
+        self.start, self.end, self.replies = start, end, replies
+
+    def split(self, acked: int) -> tuple[list[bytes], list[bytes]]:
+        """(acknowledged, not) replies, for ``acked`` inside this stretch."""
+        done = bisect.bisect_right(_frame_ends(self.start, self.replies), acked)
+        return self.replies[:done], self.replies[done:]
 
 
 class SendLog:
     """Replies written on one connection whose bytes the peer has not acknowledged yet.
 
-    Each entry is a reply and the stream offset just past its frame. ``forget_acked(acked)``
-    forgets (and counts) the entries the peer acknowledged; what is left when the
-    connection dies is the unacknowledged tail, to send again.
+    Kept a stretch of the stream at a time (each ``Sent``: a chunk's replies, or the part
+    of a chunk written so far), not a reply at a time: the hot path appends one record per
+    write, and offsets are worked out per reply only for the stretch the connection died
+    in. ``forget_acked(acked)`` forgets (and counts) what the peer acknowledged; what is
+    left when the connection dies is the unacknowledged tail, to send again.
     """
 
     def __init__(self) -> None:
-        self._ends: collections.deque[int] = collections.deque()
-        self._replies: collections.deque[bytes] = collections.deque()
+        self._log: collections.deque[Sent] = collections.deque()
+        self.replies = 0  # replies recorded
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return self.replies
 
-    def extend(self, ends: list[int], replies: list[bytes]) -> None:
-        """Record ``replies`` whose frames end at stream offsets ``ends`` (ascending)."""
-        self._ends.extend(ends)
-        self._replies.extend(replies)
+    def add(self, start: int, end: int, replies: list[bytes]) -> None:
+        """Record ``replies``, framed one after another from ``start`` to ``end``."""
+        self._log.append(Sent(start, end, replies))
+        self.replies += len(replies)
 
     def forget_acked(self, acked: int | None) -> int:
-        """Forget the replies wholly acknowledged up to stream offset ``acked``; returns
-        how many (0 when ``acked`` is unknown)."""
+        """Forget the stretches wholly acknowledged up to stream offset ``acked``; returns
+        how many replies (0 when ``acked`` is unknown)."""
         if acked is None:
             return 0
-        ends, replies, settled = self._ends, self._replies, 0
-        while ends and ends[0] <= acked:
-            ends.popleft()
-            replies.popleft()
-            settled += 1
+        log, settled = self._log, 0
+        while log and log[0].end <= acked:
+            settled += len(log.popleft().replies)
+        self.replies -= settled
         return settled
 
-    def take(self) -> list[bytes]:
-        """Every reply still recorded, oldest first; the log is left empty."""
-        replies = list(self._replies)
-        self._ends.clear()
-        self._replies.clear()
-        return replies
+    def take(self, acked: int | None) -> tuple[int, list[bytes]]:
+        """At the end: (replies acknowledged up to ``acked``, the rest, oldest first); the
+        log is left empty."""
+        delivered = self.forget_acked(acked)
+        rest: list[bytes] = []
+        for index, sent in enumerate(self._log):
+            if index == 0 and acked is not None and sent.start < acked:
+                done, left = sent.split(acked)
+                delivered += len(done)
+                rest.extend(left)
+            else:
+                rest.extend(sent.replies)
+        self._log.clear()
+        self.replies = 0
+        return delivered, rest
 
 
 class Chunk:
     """Frames to write in one go: an optional heartbeat, then replies, as one bytes object.
 
-    ``start`` is the stream offset of ``data``'s first byte; ``ends[i]`` the offset just
-    past reply ``i``'s frame. ``done`` counts the replies already accounted as written.
+    ``start`` is the stream offset of ``data``'s first byte; ``first`` that of the first
+    reply's frame. ``carried``: for each of the first replies that were carried from an
+    earlier connection, whether it had been written there. ``done`` counts the replies
+    already accounted as written.
     """
 
-    __slots__ = ("data", "start", "ends", "entries", "beat", "done")
+    __slots__ = ("data", "start", "first", "replies", "carried", "beat", "done", "_ends")
 
-    def __init__(self, data: bytes, start: int, ends: list[int],
-                 entries: list[tuple[bytes, int]], beat: bool) -> None:
+    def __init__(self, data: bytes, start: int, first: int, replies: list[bytes],
+                 carried: list[bool], beat: bool) -> None:
         self.data = data
         self.start = start
-        self.ends = ends
-        self.entries = entries
+        self.first = first
+        self.replies = replies
+        self.carried = carried
         self.beat = beat
         self.done = 0
+        self._ends: list[int] | None = None
 
     @property
     def end(self) -> int:
         """Stream offset just past the chunk."""
         return self.start + len(self.data)
+
+    def written_by(self, upto: int) -> int:
+        """How many of the replies are wholly written once the stream reaches ``upto``."""
+        if upto >= self.start + len(self.data):
+            return len(self.replies)
+        if self._ends is None:  # a part-written chunk: per-reply offsets, only now
+            self._ends = _frame_ends(self.first, self.replies)
+        return bisect.bisect_right(self._ends, upto)
+
+    def offset_after(self, count: int) -> int:
+        """Stream offset just past the first ``count`` replies."""
+        if count == len(self.replies):
+            return self.start + len(self.data)
+        if self._ends is None:
+            self._ends = _frame_ends(self.first, self.replies)
+        return self._ends[count - 1] if count else self.first
 
 
 class Delivery:
@@ -123,9 +175,12 @@ class Delivery:
         self.redelivery_window_s = redelivery_window_s
         self.clock = clock
         self.show_messages = show_messages
-        #: replies for the current connection, oldest first: (reply, NEW/CARRIED/...)
-        self.outbox: collections.deque[tuple[bytes, int]] = collections.deque()
+        #: replies for the current connection, oldest first
+        self.outbox: collections.deque[bytes] = collections.deque()
         self.outbox_bytes = 0
+        #: for the outbox's first entries, carried from an earlier connection: whether each
+        #: had been written there (so its write counts as a redelivery, not a new reply)
+        self._carried: collections.deque[bool] = collections.deque()
         #: replies no connection took yet: (kept since, reply, written before), oldest first
         self.kept: collections.deque[tuple[float, bytes, bool]] = collections.deque()
         self.sent = SendLog()
@@ -147,7 +202,7 @@ class Delivery:
             now = self.clock()
             self.kept.extend((now, reply, False) for reply in replies)
             return
-        self.outbox.extend((reply, NEW) for reply in replies)
+        self.outbox.extend(replies)
         self.outbox_bytes += sum(map(len, replies))
         if self.outbox_bytes > OUTBOX_BYTES:
             self.room.clear()
@@ -160,11 +215,11 @@ class Delivery:
         """A connection starts: replies kept for it (not too old) go first. ``wake`` is
         called whenever there is something new to write. Returns how many were carried."""
         self.expire()
-        carried = [(reply, CARRIED_WRITTEN if written else CARRIED)
-                   for _, reply, written in self.kept]
+        carried = list(self.kept)
         self.kept.clear()
-        self.outbox.extendleft(reversed(carried))
-        self.outbox_bytes = sum(len(reply) for reply, _ in self.outbox)
+        self.outbox.extendleft(reply for _, reply, _ in reversed(carried))
+        self._carried = collections.deque(written for _, _, written in carried)
+        self.outbox_bytes = sum(map(len, self.outbox))
         self.sent = SendLog()
         self.attached, self._wake = True, wake
         self._update_room()
@@ -176,11 +231,13 @@ class Delivery:
         """The connection ended at ``ended_at`` and the peer acknowledged our stream up to
         ``acked`` (None: unknown). What it did not deliver is kept for the next one,
         before anything made since (the queue stays in time order, oldest first)."""
-        self.stats.delivered += self.sent.forget_acked(acked)
-        unacked = self.sent.take()
+        delivered, unacked = self.sent.take(acked)
+        self.stats.delivered += delivered
+        flags = list(self._carried) + [False] * (len(self.outbox) - len(self._carried))
         leftovers = [(reply, True) for reply in unacked]
-        leftovers += [(reply, how == CARRIED_WRITTEN) for reply, how in self.outbox]
+        leftovers += zip(self.outbox, flags)
         self.outbox.clear()
+        self._carried.clear()
         self.outbox_bytes = 0
         self.attached, self._wake = False, None
         self.room.set()
@@ -200,65 +257,69 @@ class Delivery:
         """Take the next chunk (at most ``CHUNK_BYTES`` of replies, at least one reply if
         any) out of the outbox, framed from stream offset ``start``, a heartbeat first if
         ``beat``."""
-        outbox, size = self.outbox, 0
-        entries: list[tuple[bytes, int]] = []
-        while outbox and (size < CHUNK_BYTES or not entries):
-            entry = outbox.popleft()
-            entries.append(entry)
-            size += len(entry[0])
+        outbox = self.outbox
+        if self.outbox_bytes <= CHUNK_BYTES:  # the usual case: everything queued
+            replies = list(outbox)
+            outbox.clear()
+            size = self.outbox_bytes
+        else:
+            replies, size = [], 0
+            while outbox and (size < CHUNK_BYTES or not replies):
+                reply = outbox.popleft()
+                replies.append(reply)
+                size += len(reply)
         self.outbox_bytes -= size
-        messages = [reply for reply, _ in entries]
+        carried: list[bool] = []
+        if self._carried:
+            take = min(len(self._carried), len(replies))
+            carried = [self._carried.popleft() for _ in range(take)]
         if beat:
-            messages.insert(0, protocol.HEARTBEAT)
-        data = build_text_frames(messages, mask=True)
-        first = start + (frame_bytes(len(protocol.HEARTBEAT)) if beat else 0)
-        ends = list(itertools.accumulate((frame_bytes(len(r)) for r, _ in entries),
-                                         initial=first))
-        del ends[0]
-        return Chunk(data, start, ends, entries, beat)
+            data = build_text_frames([protocol.HEARTBEAT, *replies], mask=True)
+            first = start + HEARTBEAT_FRAME_BYTES
+        else:
+            data = build_text_frames(replies, mask=True)
+            first = start
+        return Chunk(data, start, first, replies, carried, beat)
 
     def wrote(self, chunk: Chunk, upto: int) -> None:
         """The kernel took the chunk's bytes up to stream offset ``upto``: record the
-        replies wholly written since the last call (hot path: one pass, no per-reply
-        bookkeeping beyond two list slices)."""
-        ends = chunk.ends
+        replies wholly written since the last call (one record per call, not per reply)."""
         done = chunk.done
-        written = done
-        if ends and ends[-1] <= upto:
-            written = len(ends)
-        else:
-            while written < len(ends) and ends[written] <= upto:
-                written += 1
+        written = chunk.written_by(upto)
         if written == done:
             return
         chunk.done = written
-        taken = chunk.entries[done:written]
-        self.sent.extend(ends[done:written], [reply for reply, _ in taken])
+        replies = chunk.replies if done == 0 and written == len(chunk.replies) \
+            else chunk.replies[done:written]
+        self.sent.add(chunk.offset_after(done), chunk.offset_after(written), replies)
         stats = self.stats
-        new = 0
-        for _, how in taken:
-            if how == NEW:
-                new += 1
-            else:
-                stats.redelivered += 1
-                if how == CARRIED:
-                    new += 1
+        new = len(replies)
+        if chunk.carried and done < len(chunk.carried):
+            flags = chunk.carried[done:written]
+            stats.redelivered += len(flags)
+            new -= sum(flags)  # written before: counted in replies then
         stats.replies += new
         if self.show_messages:
-            for reply, _ in taken:  # the formatter escapes it (text) or encodes it (JSON)
+            for reply in replies:  # the formatter escapes it (text) or encodes it (JSON)
                 messages_log.info("send %s", reply.decode("utf-8", "replace"))
 
     def unwrite(self, chunk: Chunk) -> None:
         """The rest of ``chunk`` was never (wholly) written: back to the outbox front."""
-        rest = chunk.entries[chunk.done:]
-        chunk.done = len(chunk.entries)
-        if rest:
-            self.outbox.extendleft(reversed(rest))
-            self.outbox_bytes += sum(len(reply) for reply, _ in rest)
+        done = chunk.done
+        rest = chunk.replies[done:]
+        chunk.done = len(chunk.replies)
+        if not rest:
+            return
+        self.outbox.extendleft(reversed(rest))
+        self.outbox_bytes += sum(map(len, rest))
+        flags = chunk.carried[done:]
+        if flags:
+            self._carried.extendleft(reversed(flags))
 
     def chunk_done(self) -> None:
         """A chunk was written whole: maybe there is room again for the reader."""
-        self._update_room()
+        if not self.room.is_set():
+            self._update_room()
 
     def wants_acks(self) -> bool:
         """True when the written log is long enough that reading the peer's
@@ -295,14 +356,16 @@ class Delivery:
 
     def give_up(self) -> None:
         """Shutdown: whatever is still kept or queued is counted, dropped or possibly lost."""
-        entries = [written for _, _, written in self.kept]
-        entries += [how == CARRIED_WRITTEN for _, how in self.outbox]
-        entries += [True] * len(self.sent.take())
+        _, unacked = self.sent.take(None)
+        flags = [written for _, _, written in self.kept]
+        flags += list(self._carried) + [False] * (len(self.outbox) - len(self._carried))
+        flags += [True] * len(unacked)
         self.kept.clear()
         self.outbox.clear()
+        self._carried.clear()
         self.outbox_bytes = 0
-        written = sum(entries)
-        unwritten = len(entries) - written
+        written = sum(flags)
+        unwritten = len(flags) - written
         if unwritten:
             self.stats.dropped += unwritten
             log.warning("%d reply(ies) dropped: not written by the end of the grace period",
@@ -311,4 +374,3 @@ class Delivery:
             self.stats.possibly_lost += written
             log.warning("%d reply(ies) possibly lost: written, never acknowledged by the peer",
                         written)
-

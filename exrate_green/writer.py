@@ -130,15 +130,17 @@ class Writer:
             self._chunk = self.delivery.next_chunk(self.sock.bytes_sent, beat)
         else:
             data = build_text_frames([protocol.HEARTBEAT], mask=True)
-            self._chunk = Chunk(data, self.sock.bytes_sent, [], [], True)
+            start = self.sock.bytes_sent
+            self._chunk = Chunk(data, start, start + len(data), [], [], True)
         self._offset = 0
 
     def _write_nowait(self) -> bool:
         """Write the current chunk without waiting; True when it is written whole."""
         chunk = self._chunk
         assert chunk is not None
-        view = memoryview(chunk.data)[self._offset:]
-        sent = self.conn.send_nowait(view)
+        data = chunk.data
+        sent = self.conn.send_nowait(
+            data if not self._offset else memoryview(data)[self._offset:])
         if sent is None:  # TLS: the greenlet writes it
             return False
         self._offset += sent
