@@ -71,9 +71,11 @@ class Connection:
                  *, send_timeout_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S,
                  before_close: Callable[[], object] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 close_after_acks: bool = False) -> None:
+                 close_after_acks: bool = False,
+                 before_park: Callable[[], object] | None = None) -> None:
         self.sock = sock if isinstance(sock, MeteredSocket) else MeteredSocket(
-            sock, send_timeout_s=send_timeout_s, clock=clock, close_after_acks=close_after_acks)
+            sock, send_timeout_s=send_timeout_s, clock=clock, close_after_acks=close_after_acks,
+            before_park=before_park)
         self.max_frame_bytes = max_frame_bytes
         self.close_wait_s = close_wait_s
         self.before_close = before_close

@@ -188,6 +188,7 @@ class Delivery:
         self.room.set()
         self.attached = False
         self._wake: Callable[[], object] | None = None
+        self._push: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         """Replies not yet written (queued for this connection, or kept for the next)."""
@@ -211,9 +212,11 @@ class Delivery:
 
     # -- a connection's life -----------------------------------------------------------------
 
-    def attach(self, wake: Callable[[], object]) -> int:
+    def attach(self, wake: Callable[[], object], push: Callable[[], object]) -> int:
         """A connection starts: replies kept for it (not too old) go first. ``wake`` is
-        called whenever there is something new to write. Returns how many were carried."""
+        called whenever there is something new to write (the writer chooses when);
+        ``push`` when it must be written before the caller waits. Returns how many were
+        carried."""
         self.expire()
         carried = list(self.kept)
         self.kept.clear()
@@ -221,7 +224,7 @@ class Delivery:
         self._carried = collections.deque(written for _, _, written in carried)
         self.outbox_bytes = sum(map(len, self.outbox))
         self.sent = SendLog()
-        self.attached, self._wake = True, wake
+        self.attached, self._wake, self._push = True, wake, push
         self._update_room()
         if carried:
             log.info("sending %d reply(ies) kept from earlier connections first", len(carried))
@@ -239,13 +242,18 @@ class Delivery:
         self.outbox.clear()
         self._carried.clear()
         self.outbox_bytes = 0
-        self.attached, self._wake = False, None
+        self.attached, self._wake, self._push = False, None, None
         self.room.set()
         if unacked:
             log.warning("%d written reply(ies) not acknowledged by the peer: kept for the "
                         "next connection", len(unacked))
         self.kept.extendleft((ended_at, reply, written)
                              for reply, written in reversed(leftovers))
+
+    def push(self) -> None:
+        """Whoever made replies is about to wait: they are written now, not later."""
+        if self._push is not None:
+            self._push()
 
     # -- the writer's side -------------------------------------------------------------------
 

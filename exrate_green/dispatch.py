@@ -92,6 +92,7 @@ class Dispatch:
         waiting = self.waiting
         if not waiting.has_room(request):
             self.stats.backpressure_waits += 1
+            self.delivery.push()  # this batch's replies leave before the reader waits
             self.progress.reader_parked()
             waiting.wait_for_room(request)
             self.progress.reader_turned()

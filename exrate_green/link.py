@@ -54,8 +54,12 @@ class MeteredSocket:
 
     def __init__(self, sock: socket.socket, *, send_timeout_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 close_after_acks: bool = False) -> None:
+                 close_after_acks: bool = False,
+                 before_park: Callable[[], object] | None = None) -> None:
         self._sock = sock
+        #: called when the reader is about to wait for bytes (its turn is over: the
+        #: writer writes what the turn made, in one write)
+        self.before_park = before_park
         self.close_after_acks = close_after_acks
         # the plain socket under gevent's (non-blocking), for writes that must not wait;
         # None under TLS, whose records cannot be written half-way from here
@@ -80,8 +84,28 @@ class MeteredSocket:
 
     # -- reading: parked time ---------------------------------------------------------
 
-    def recv(self, *args: Any) -> bytes:
-        return self._parked(self._sock.recv, args)
+    def recv(self, size: int) -> bytes:
+        """Bytes waiting, else wait for some. The wait is parked time (see the module)."""
+        raw = self._raw
+        if raw is not None:
+            try:
+                return raw.recv(size)  # bytes waiting: no bookkeeping, no switch
+            except (BlockingIOError, InterruptedError):
+                pass
+        if self.before_park is not None:
+            self.before_park()
+        if raw is None:  # TLS: gevent's own read (it knows the TLS buffer)
+            return self._parked(self._sock.recv, (size,))
+        return self._parked(self._wait_and_recv, (raw, size))
+
+    def _wait_and_recv(self, raw, size):
+        sock: Any = self._sock  # gevent's socket: its wait is not in the stdlib's stubs
+        while True:  # gevent's own wait: a close() by another greenlet cancels it
+            sock._wait(sock._read_event)
+            try:
+                return raw.recv(size)
+            except (BlockingIOError, InterruptedError):
+                continue  # a spurious wake-up
 
     def _parked(self, call, args):
         # gevent's recv returns at once when bytes are waiting and parks the greenlet only

@@ -78,7 +78,8 @@ class Session:
         self.clock = clock
         self.conn = Connection(sock, settings.max_frame_bytes,
                                send_timeout_s=settings.send_timeout_s, clock=clock,
-                               before_close=self._flush_before_close, close_after_acks=True)
+                               before_close=self._flush_before_close, close_after_acks=True,
+                               before_park=self._turn_ends)
         self.sock = self.conn.sock
         self.writer = Writer(self.conn, self.sock, delivery, stats)
         self.last_heartbeat_at = clock()  # for logs; the rule is parked time
@@ -95,12 +96,12 @@ class Session:
         """Serve until the connection ends; returns how it ended. The replies it did not
         deliver are handed back to delivery (kept for the next connection) on the way out."""
         self.progress.session_started()
-        self.delivery.attach(self.writer.flush)
+        self.delivery.attach(self.writer.flush, self.writer.end_turn)
         try:
             self.greenlets.spawn(self._job, self.writer.write_loop)
             self.greenlets.spawn(self._job, self.heartbeat)
             self.greenlets.spawn(self._job, self.silence_watchdog)
-            self.reader = self.greenlets.spawn(self._job, self.receive_loop)
+            self.reader = self.writer.reader = self.greenlets.spawn(self._job, self.receive_loop)
             cause = self.ended.get()
         finally:
             self.conn.abort()
@@ -147,6 +148,7 @@ class Session:
             progress.reader_parked()  # for room, or for bytes: bounded elsewhere
             if not room.is_set():
                 self.stats.backpressure_waits += 1
+                self.writer.end_turn()
                 room.wait()
             events = self.conn.receive()
             progress.reader_turned()
@@ -161,7 +163,12 @@ class Session:
             now = clock()
             if now - yielded_at > YIELD_EVERY_S:
                 yielded_at = now
+                self.writer.end_turn()
                 gevent.idle()
+
+    def _turn_ends(self) -> None:
+        """The reader is about to wait for bytes: what its turn made is written now."""
+        self.writer.end_turn()
 
     def _heartbeats(self, count: int) -> None:
         self.last_heartbeat_at = self.clock()

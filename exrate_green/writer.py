@@ -1,12 +1,15 @@
 """The one writer of a connection: heartbeats and replies, in order, never two at once.
 
 Writes happen where they are asked for, when they can: ``flush()`` (called by whoever
-queued something: the reader after a batch, a greenlet answering requests that waited for
-a rate table, the heartbeat timer) writes what is queued *without waiting*, as far as the
-kernel takes it. Only when the kernel has no room, and for the rest of a frame it took
-half of, does the ``write_loop`` greenlet take over: it waits for room with a deadline on
-progress (``send_timeout_s``), while the reader goes on reading until the outbox is full.
-So an idle connection pays no hand-off (no event, no hub turn, no switch) per reply.
+queued something: a greenlet answering requests that waited for a rate table, the
+heartbeat timer) writes what is queued *without waiting*, as far as the kernel takes it.
+The reader's own replies are written when its turn ends (``end_turn``: it is about to
+wait for bytes, to yield, or to wait for room), so every batch it read in one turn leaves
+in one write: under load that is one send for many batches, and a send on loopback costs
+more than everything else a reply needs. Only when the kernel has no room, and for the
+rest of a frame it took half of, does the ``write_loop`` greenlet take over: it waits for
+room with a deadline on progress (``send_timeout_s``), while the reader goes on reading
+until the outbox is full. So no reply pays a hand-off (event, hub turn, switch).
 
 Under TLS nothing can be written half-way without waiting, so every write goes through the
 greenlet, as a whole.
@@ -15,7 +18,9 @@ greenlet, as a whole.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import gevent
 from gevent.event import Event
 
 from . import protocol
@@ -45,6 +50,9 @@ class Writer:
         self._chunk: Chunk | None = None
         self._offset = 0
         self._busy = False  # write_loop is inside a blocking write
+        #: the reader greenlet: what it queues waits for the end of its turn
+        self.reader: Any = None
+        self._deferred = False  # the reader queued something during its turn
         #: a write that failed outside the greenlet: raised by it (whose end ends the session)
         self._failed: ConnectionClosed | None = None
         self._wake = Event()
@@ -60,9 +68,22 @@ class Writer:
 
     def flush(self) -> None:
         """Write what is queued as far as the kernel takes it now; never waits. What is
-        left is the ``write_loop``'s."""
+        left is the ``write_loop``'s. Asked by the reader, it waits for its turn's end."""
         if self._busy or self._failed is not None:
             return
+        if self.reader is not None and gevent.getcurrent() is self.reader:
+            self._deferred = True
+            return
+        self._write_now()
+
+    def end_turn(self) -> None:
+        """The reader's turn ends (it is about to wait or yield): write what it queued."""
+        if self._deferred:
+            self._deferred = False
+            if not self._busy and self._failed is None:
+                self._write_now()
+
+    def _write_now(self) -> None:
         try:
             while self._chunk is not None or self.heartbeat_due or self.delivery.pending():
                 if self._chunk is None:

@@ -76,7 +76,7 @@ def build_frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True) ->
     head = build_header(opcode, len(payload), fin=fin, masked=mask)
     if not mask:
         return head + payload
-    key = os.urandom(4)
+    key = masking_keys(1)
     return head + key + apply_mask(key, payload)
 
 
@@ -93,12 +93,29 @@ def frame_bytes(payload_bytes: int, *, masked: bool = True) -> int:
 
 def build_text_frames(messages: list[bytes], *, mask: bool) -> bytes:
     """Each bytes object of ``messages`` (UTF-8 text) as a final text frame, all in one
-    bytes object for one ``sendall``; one ``urandom`` call draws every masking key."""
+    bytes object for one ``sendall``; the masking keys come from ``masking_keys``."""
     if not mask:
         return b"".join([build_header(OP_TEXT, len(m)) + m for m in messages])
-    keys = os.urandom(4 * len(messages))
+    keys = masking_keys(len(messages))
     return b"".join([
         _masked_text(m, keys[4 * i:4 * i + 4]) for i, m in enumerate(messages)])
+
+
+#: bytes of randomness drawn from the OS at a time for masking keys (1,024 keys): one
+#: getrandom call per 1,024 frames instead of one per write
+_KEY_POOL_BYTES = 4096
+_key_pool = b""
+
+
+def masking_keys(count: int) -> bytes:
+    """``count`` masking keys (4 bytes each) from the OS's CSPRNG (RFC 6455 5.3 asks for
+    unpredictable keys), drawn ahead in blocks. Never yields: greenlets cannot interleave."""
+    global _key_pool
+    wanted = 4 * count
+    if wanted > len(_key_pool):
+        _key_pool += os.urandom(max(_KEY_POOL_BYTES, wanted))
+    keys, _key_pool = _key_pool[:wanted], _key_pool[wanted:]
+    return keys
 
 
 def _masked_text(payload: bytes, key: bytes) -> bytes:
