@@ -37,10 +37,13 @@ import gevent.monkey
 from gevent.threadpool import ThreadPool
 
 from ..errors import CacheError
-from ..rates.table import RateTable
+from ..rates.table import MAX_ROW_BYTES, RateTable
+from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
 
+#: diskcache's database and SQLite's journal files: what a corrupt cache moves aside
+DATABASE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 #: SQLite errors that mean the file is not a usable database (moved aside at start-up)
 _CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 #: everything the disk layer may raise that means "the cache failed", not "a bug"
@@ -50,7 +53,17 @@ _native_sleep = gevent.monkey.get_original("time", "sleep")
 
 
 class UnsafeRow(ValueError):
-    """A row that is not JSON text (a pickle, bytes, a number); it is never decoded."""
+    """A row that is not JSON text (a pickle, bytes, a number), or too large to be a
+    table; it is never decoded."""
+
+
+class BadRowError(CacheError):
+    """A row under our key that is not a rate table (deleted): a miss, warned about at
+    most once a minute."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"row {key!r} is not a rate table: {why}")
+        self.key, self.why = key, why
 
 
 class JsonDisk(diskcache.Disk):
@@ -82,7 +95,10 @@ class JsonDisk(diskcache.Disk):
         # both are read as text. Pickles and bytes are refused without being read.
         if mode == diskcache.core.MODE_RAW and type(value) is str:
             return value
-        if mode == diskcache.core.MODE_TEXT and not read:
+        if mode == diskcache.core.MODE_TEXT and not read and filename:
+            size = os.path.getsize(os.path.join(self._directory, filename))
+            if size > MAX_ROW_BYTES:  # checked before reading: a real table is a few KB
+                raise UnsafeRow(f"row file of {size} bytes refused unread")
             return super().fetch(mode, filename, value, read)
         raise UnsafeRow(f"row stored in mode {mode} refused: only JSON text is read")
 
@@ -134,6 +150,21 @@ def _returning_failure(fn, *args):
         return e, None
 
 
+def table_entry(tier: str, table: RateTable | BadRow, expire_time: float | None,
+                now: float) -> dict[str, Any]:
+    """One ``cache list`` row: tier, provider, day, published (ISO dates), currencies
+    (count), fetched_at (epoch s), expires_in_s (s, None: never), bad (why, or None)."""
+    if isinstance(table, BadRow):
+        return {"tier": tier, "provider": table.provider, "day": table.day,
+                "published": "-", "currencies": 0, "fetched_at": None,
+                "expires_in_s": None if expire_time is None else expire_time - now,
+                "bad": table.why}
+    return {"tier": tier, "provider": table.provider, "day": table.day.isoformat(),
+            "published": table.published.isoformat(), "currencies": len(table.rates),
+            "fetched_at": table.fetched_at,
+            "expires_in_s": None if expire_time is None else expire_time - now, "bad": None}
+
+
 def table_key(provider: str, day: datetime.date) -> str:
     """The cache key of one provider's table for one day: ``"ecb/2021-05-18"``."""
     return f"{provider}/{day.isoformat()}"
@@ -171,6 +202,7 @@ class TableCache:
         self.hits = 0
         self.misses = 0
         self.errors = 0
+        self.bad_rows = BadRowLog(self.name)
         self._pool: Any = None
         self._cache: Any = None  # touched only in the pool's thread
         self._enabled = False
@@ -193,10 +225,12 @@ class TableCache:
     def open(self) -> None:
         """Open (creating the directory) in the disk thread; never raises for disk trouble.
 
-        A corrupt database is moved aside to ``<directory>.corrupt-<UTC timestamp>`` with
-        a warning and a new one is created. If the cache still cannot be opened (read-only,
-        full, locked longer than ``3 * timeout_s``) a warning is logged and the cache runs
-        disabled: every get is a miss, every put a no-op.
+        A corrupt database is moved aside, its own files only (``cache.db`` and its
+        ``-wal``/``-shm``), into ``<directory>/corrupt-<UTC timestamp>/`` with a warning, and
+        a new one is created: the directory may hold files of the user's. If the cache
+        still cannot be opened (read-only, full, locked longer than ``3 * timeout_s``) a
+        warning is logged and the cache runs disabled: every get is a miss, every put a
+        no-op.
         """
         if self._enabled:
             return
@@ -261,6 +295,10 @@ class TableCache:
             if failure is not None:
                 raise failure
             return value
+        except BadRowError as e:
+            self.errors += 1
+            self.bad_rows.report(e.key, e.why)
+            return None
         except CacheError as e:
             self.errors += 1
             log.warning("cache %s failed, treated as a miss: %s", what, e)
@@ -315,13 +353,18 @@ class TableCache:
                           lock_wait_s=3 * self.timeout_s, statistics=1)
 
     def _move_aside(self):
+        """Move the database's own files into a new ``corrupt-STAMP`` subdirectory;
+        nothing else in the directory is touched (it may be a user's)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}")
+        target = self.directory / f"corrupt-{stamp}"
         n = 0
         while target.exists():
             n += 1
-            target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}-{n}")
-        os.rename(self.directory, target)
+            target = self.directory / f"corrupt-{stamp}-{n}"
+        target.mkdir(mode=0o700)
+        for name in DATABASE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.directory / name, target / name)
         return target
 
     def _disable(self, e):
@@ -338,26 +381,43 @@ class TableCache:
     def _read(self, key):
         self._check_not_skipping()
         try:
+            size = self._row_size(key)
+            if size > MAX_ROW_BYTES:
+                raise UnsafeRow(f"{size} bytes, larger than any rate table")
             text = self._cache.get(key)
         except ValueError as e:  # UnsafeRow, or a text file that is not UTF-8
             self._discard(key)
-            raise CacheError(f"row {key!r} refused and deleted: {e}") from e
+            raise BadRowError(key, f"refused: {e}") from e
         except _DISK_ERRORS as e:
             raise self._failure(f"cannot read {key!r}", e) from e
         return None if text is None else self._parse(key, text)
 
+    def _row_size(self, key):
+        """Bytes of the row's in-database value (0 if none): known before SQLite loads
+        it, so a planted 32 MB row is refused without being read."""
+        row = self._cache._sql("SELECT length(CAST(value AS BLOB)) FROM Cache "
+                               "WHERE key = ? AND raw = 1", (key,)).fetchone()
+        return (row[0] or 0) if row else 0
+
     def _parse(self, key, text):
+        """The table of a row just read, or None when too old; a bad row is deleted
+        and raised as ``BadRowError``."""
         try:
-            table = RateTable.from_json(text)
+            table = self._decode(key, text)
         except ValueError as e:
             self._discard(key)
-            raise CacheError(f"row {key!r} is not a rate table, deleted: {e}") from e
-        if table_key(table.provider, table.day) != key:
-            self._discard(key)
-            raise CacheError(f"row {key!r} holds the table of "
-                             f"{table_key(table.provider, table.day)!r}, deleted")
+            raise BadRowError(key, str(e)) from e
         if table.fetched_at + self.keep_s <= time.time():
             return None  # written by a process that keeps tables longer; too old for ours
+        return table
+
+    def _decode(self, key, text):
+        """``RateTable`` of the row ``key``; ``ValueError`` if it is not that table."""
+        if not isinstance(text, str):
+            raise ValueError("not JSON text")
+        table = RateTable.from_json(text)
+        if table_key(table.provider, table.day) != key:
+            raise ValueError(f"holds the table of {table_key(table.provider, table.day)!r}")
         return table
 
     def _write(self, table):
@@ -407,15 +467,8 @@ class TableCache:
 
     def _entries(self):
         now = time.time()
-        return [{
-            "tier": self.name,
-            "provider": table.provider,
-            "day": table.day.isoformat(),
-            "published": table.published.isoformat(),
-            "currencies": len(table.rates),
-            "fetched_at": table.fetched_at,
-            "expires_in_s": None if expire_time is None else expire_time - now,
-        } for table, expire_time in self._live_tables(lambda key: True)]
+        return [table_entry(self.name, table, expire_time, now)
+                for table, expire_time in self._live_tables(lambda key: True)]
 
     def _tables_for(self, day):
         suffix = "/" + day.isoformat()
@@ -426,8 +479,9 @@ class TableCache:
         try:
             self._cache.expire()  # so that "entries" counts live tables only
             hits, misses = self._cache.stats(enable=True)
+            bad = sum(isinstance(t, BadRow) for t, _ in self._live_tables(lambda key: True))
             return {"tier": self.name, "where": str(self.directory),
-                    "entries": len(self._cache),
+                    "entries": len(self._cache), "bad_rows": bad,
                     "bytes": self._cache.volume(), "hits": hits, "misses": misses}
         except _DISK_ERRORS as e:
             raise CacheError(f"cannot read cache statistics: {e!r}") from e
@@ -439,29 +493,32 @@ class TableCache:
             raise CacheError(f"cannot clear the cache: {e!r}") from e
 
     def _live_tables(self, wanted):
-        """(table, expire_time) for every unexpired, well-formed row whose key is wanted."""
+        """(table or ``BadRow``, expire_time) for every unexpired row whose key is
+        wanted; bad rows are shown as bad, not deleted (inspection changes nothing)."""
         found = []
         with self._quiet_statistics():
             try:
                 for key in self._text_keys():
-                    if not wanted(key):
-                        continue
-                    value, expire_time = self._cache.get(key, expire_time=True)
-                    table = self._inspectable(key, value)
-                    if table is not None:
-                        found.append((table, expire_time))
+                    if wanted(key):
+                        found += self._inspectable(key)
             except _DISK_ERRORS as e:
                 raise CacheError(f"cannot list the cache: {e!r}") from e
         return found
 
-    def _inspectable(self, key, value):
-        if value is None:
-            return None  # expired or removed meanwhile
+    def _inspectable(self, key):
         try:
-            return self._parse(key, value)
-        except CacheError as e:
-            log.warning("%s", e)
-            return None
+            size = self._row_size(key)
+            if size > MAX_ROW_BYTES:
+                raise UnsafeRow(f"{size} bytes, larger than any rate table")
+            value, expire_time = self._cache.get(key, expire_time=True)
+            if value is None:
+                return []  # expired or removed meanwhile
+            table = self._decode(key, value)
+        except ValueError as e:
+            return [(BadRow(self.name, key, str(e)), None)]
+        if table.fetched_at + self.keep_s <= time.time():
+            return []  # kept longer by another process; too old for ours
+        return [(table, expire_time)]
 
     def _text_keys(self):
         # SQLite sorts TEXT before BLOB, so iterkeys() yields every string key before any
