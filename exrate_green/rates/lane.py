@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.queue
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.pool import Group
 
 from ..errors import DateOutOfRange, RateError, RateUnavailable
@@ -58,13 +58,15 @@ READ_BUDGET_S = 1.0
 class Job:
     """The tables of ``key`` (a day ``"2021-05-18"`` or a month ``"2021-05"``) from one
     provider. ``done`` gets ``{day: RateTable}`` or a ``RateError``; ``seq`` is its place in
-    the queue; ``started_at`` (monotonic s) is set when a fetcher takes it."""
+    the queue; ``started_at`` (monotonic s) is set, and ``started`` fires, when a fetcher
+    takes it: a waiter's fetch budget counts from then, not from when it queued."""
 
     def __init__(self, key: str, seq: int):
         self.key = key
         self.seq = seq
         self.days: set = set()
         self.started_at: float | None = None
+        self.started = Event()
         self.done = AsyncResult()
 
 
@@ -166,6 +168,7 @@ class ProviderLane:
 
     def _run(self, job: Job) -> None:
         job.started_at = time.monotonic()
+        job.started.set()
         try:
             self.breaker.acquire()
         except ProviderDown as e:
