@@ -42,6 +42,11 @@ from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
 
+#: SQLite's page cache, in 4 KiB pages (diskcache's default is 8,192: 32 MiB, plus a
+#: 64 MiB memory map). Rows are a few KB and read once before the memory front holds
+#: them, so 1 MiB and no map is plenty; a full cache's worth of pages resident would be a
+#: third of the service's memory after a cold storm over every month since 1999.
+SQLITE_CACHE_PAGES = 256
 #: diskcache's database and SQLite's journal files: what a corrupt cache moves aside
 DATABASE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 #: SQLite errors that mean the file is not a usable database (moved aside at start-up)
@@ -350,7 +355,8 @@ class TableCache:
 
     def _connect(self):
         return _JsonCache(self.directory, timeout=self.timeout_s,
-                          lock_wait_s=3 * self.timeout_s, statistics=1)
+                          lock_wait_s=3 * self.timeout_s, statistics=1,
+                          sqlite_cache_size=SQLITE_CACHE_PAGES, sqlite_mmap_size=0)
 
     def _move_aside(self):
         """Move the database's own files into a new ``corrupt-STAMP`` subdirectory;

@@ -236,8 +236,8 @@ class RateBook:
         """How long (s) to wait for ``job``'s tables: until ``wait_s`` after the job's
         fetch started, however long it queued; a caller with a stale table to fall back
         on keeps its own ``deadline`` instead (it has an answer, the queue can wait)."""
-        if lookup.held is None and not job.started.is_set():
-            gevent.wait([job.started, job.done], count=1)  # our turn (or the job's end)
+        if lookup.held is None:
+            job.started.wait()  # our turn (or the job's end): back-pressure, not failure
         if lookup.held is None and job.started_at is not None:
             deadline = max(deadline, job.started_at + self.wait_s)
         return max(deadline - time.monotonic(), 0)

@@ -223,6 +223,7 @@ class ProviderLane:
     def _settle(self, job: Job, value=None, exception: RateError | None = None) -> None:
         if self.jobs.get(job.key) is job:
             del self.jobs[job.key]  # a request from now on starts a new job
+        job.started.set()  # no longer queued, whatever happened: nobody waits for a turn
         if exception is not None:
             job.done.set_exception(exception)
         else:
