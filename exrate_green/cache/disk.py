@@ -25,7 +25,9 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -155,6 +157,22 @@ def _returning_failure(fn, *args):
         return e, None
 
 
+def _usable_directory(directory: Path) -> tuple[Path, bool]:
+    """(``directory`` made absolute with ``~`` expanded, False), or, when ``~`` cannot be
+    expanded (HOME unset and a uid with no passwd entry, as in many containers), (a new
+    private temporary directory, True) with one warning: a service without a home still
+    serves, its disk cache lasting as long as the process."""
+    try:
+        return directory.expanduser().absolute(), False
+    except RuntimeError:  # "Could not determine home directory"
+        temporary = Path(tempfile.mkdtemp(prefix="exrate-green-cache-"))
+        log.warning("no usable home directory for the cache at %s (HOME is unset and uid %d "
+                    "has no passwd entry): using the temporary %s for this process; set "
+                    "EXRATE_CACHE_DIR to keep tables across restarts", directory, os.getuid(),
+                    temporary)
+        return temporary, True
+
+
 def table_entry(tier: str, table: RateTable | BadRow, expire_time: float | None,
                 now: float) -> dict[str, Any]:
     """One ``cache list`` row: tier, provider, day, published (ISO dates), currencies
@@ -197,7 +215,7 @@ class TableCache:
 
     def __init__(self, directory: str | os.PathLike[str], ttl_s: float, *,
                  stale_s: float = 0.0, timeout_s: float = 1.0, wait_s: float = 5.0) -> None:
-        self.directory = Path(directory).expanduser().absolute()
+        self.directory, self._temporary = _usable_directory(Path(directory))
         self.ttl_s = float(ttl_s)
         self.stale_s = float(stale_s)
         #: seconds a row is kept after its table's fetched_at
@@ -248,6 +266,7 @@ class TableCache:
         self._enabled = False
         pool, self._pool = self._pool, None
         if pool is None:
+            self._remove_temporary()
             return
         try:
             with gevent.Timeout(self.wait_s, CacheError("disk thread busy at close")):
@@ -255,6 +274,13 @@ class TableCache:
         except (CacheError, *_DISK_ERRORS) as e:
             log.warning("closing the cache at %s: %s", self.directory, e)
         pool.kill()
+        self._remove_temporary()
+
+    def _remove_temporary(self):
+        """A temporary directory (no usable home) goes with the process that made it."""
+        if self._temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._temporary = False
 
     # -- the service's path: greenlets, never an exception -------------------------------
 
