@@ -10,6 +10,7 @@ import logging
 import ssl
 import time
 import urllib.parse
+import zlib
 
 import pytest
 import trustme
@@ -327,4 +328,27 @@ def test_a_deeply_nested_answer_is_a_failed_fetch_without_a_traceback(open_book,
         with pytest.raises(RateUnavailable, match="invalid JSON"):
             book.get(DEC_15, "USD")
     assert not any(r.exc_info for r in caplog.records)
+    assert cache.get("frankfurter", DEC_15) is None
+
+
+def gzip_bomb(megabytes):
+    """``{"rates":"000..."}`` of ``megabytes`` MB, gzipped to about a thousandth of that."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)   # gzip framing
+    mb = b"0" * 2**20
+    return (packer.compress(b'{"rates":"') + b"".join(packer.compress(mb)
+                                                     for _ in range(megabytes))
+            + packer.compress(b'"}') + packer.flush())
+
+
+BOMB = gzip_bomb(64)   # built at import: compressing is CPU the hub monitor would flag
+
+
+def test_a_gzip_bomb_is_refused_past_the_size_bound_without_inflating_it(open_book):
+    bomb = BOMB
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(bomb))
+    with RawApi(lambda t: head + bomb) as api:
+        book, cache, _ = open_book(api.origin)
+        with pytest.raises(RateUnavailable, match="larger than 1048576 bytes"):
+            book.get(DEC_15, "USD")
     assert cache.get("frankfurter", DEC_15) is None
