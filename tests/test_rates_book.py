@@ -326,6 +326,20 @@ def test_a_waiter_queued_behind_slow_fetches_gets_its_table_not_an_error(
     assert api.calls == 4
 
 
+def test_a_waiter_holding_a_stale_table_does_not_queue_past_its_budget(
+        api, cache, clock, open_book):
+    book = open_book(cache, "exchangerate.host", ehost=api, fetch_concurrency=1)
+    assert book.get(MAY_18).day == MAY_18
+    clock.advance(TTL_S + 60)                      # stale now
+    api.latency_s = 0.8                            # four other days queue ahead: ~3.2 s
+    others = [gevent.spawn(book.get, MAY_18 + datetime.timedelta(days=n)) for n in range(1, 5)]
+    gevent.sleep(0.05)
+    table = book.get(MAY_18)                       # its refetch is fifth in the queue
+    assert table.day == MAY_18 and book.stale_served == 1
+    gevent.joinall(others, timeout=15)
+    assert all(g.value is not None and g.value.day for g in others)
+
+
 def test_a_waiter_whose_own_fetch_overruns_the_budget_is_told_so_and_its_table_still_lands(
         api, cache, clock, open_book):
     api.latency_s = 0.8   # within the HTTP budget (1 s), past what a request waits (0.4 s)

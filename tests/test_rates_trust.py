@@ -166,6 +166,24 @@ def test_an_exchangerate_host_answer_for_another_day_is_refused(open_book, bundl
     assert cache.get("exchangerate.host", DEC_15) is None
 
 
+@pytest.mark.parametrize("days_off", [3650, -30], ids=["ten-years-ahead", "a-month-old"])
+def test_an_exchangerate_host_live_answer_stamped_far_from_today_is_refused(
+        open_book, bundle, days_off):
+    today = utc_today()
+    stamp = datetime.datetime.combine(today + datetime.timedelta(days=days_off),
+                                      datetime.time(12), datetime.UTC)
+    answer = exchangerate_host_answer(bundle, DEC_15)
+    del answer["date"], answer["historical"]
+    answer["timestamp"] = int(stamp.timestamp())
+    with RawApi(lambda target: response(answer)) as api:
+        book, cache, _ = open_book(api.origin, provider="exchangerate.host")
+        with pytest.raises(RateUnavailable, match=f"answered a publication of "
+                                                  f"{stamp.date()} for {today}"):
+            book.get(today, "USD")
+        assert "/live?" in api.requests[0]
+    assert cache.get("exchangerate.host", today) is None
+
+
 # --- bad values --------------------------------------------------------------------------
 
 BAD_VALUES = [b"0", b"-1.2", b"null", b'{"a":1}', b"true", b'"1.3"x', b"1e-999999",
@@ -292,7 +310,8 @@ def test_a_downgrade_from_https_to_http_is_not_followed(open_book, bundle, tmp_p
                     tls=server_context) as api:
             book, cache, _ = open_book(api.origin, provider="exchangerate.host",
                                        ca_file=str(ca_file))
-            with pytest.raises(RateUnavailable, match="downgrade to plain http: not followed"):
+            with pytest.raises(RateUnavailable, match="redirected to plain http, a downgrade "
+                                                      "from https: not followed"):
                 book.get(DEC_15, "USD")
             assert len(api.requests) >= 1
     assert plain.connections == 0

@@ -179,7 +179,7 @@ class HttpClient:
             return target
         scheme = urllib.parse.urlsplit(target).scheme
         if origin[0] == "https" and scheme == "http":
-            why = "a downgrade to plain http"
+            why = "plain http, a downgrade from https"
         else:
             why = f"another origin ({self._where(target)})"
         raise RateUnavailable(f"{where} redirected to {why}: not followed")
