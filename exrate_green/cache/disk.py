@@ -3,9 +3,10 @@
 Why the shape:
 
 * Values are ``RateTable.to_json()`` text and keys are ``"{provider}/{YYYY-MM-DD}"``
-  strings. ``JsonDisk`` refuses to store anything else and refuses to decode a pickled
-  key or value that something else wrote into the directory, so nobody who can write the
-  cache can run code through it.
+  strings. ``JsonDisk`` (``jsondisk.py``) refuses to store anything else and to decode a
+  pickled key or value that something else wrote into the directory, so nobody who can
+  write the cache can run code through it. Every row read is untrusted input, checked by
+  ``RateTable.from_json`` after its size (a bad one is a deleted miss, ``rows.py``).
 * SQLite never yields to the gevent hub, its lock waits block the whole process, and with
   a monkey-patched ``threading.local`` diskcache opens one connection per greenlet. So
   every disk access runs in ONE native thread (``ThreadPool(1)`` owned by the cache):
@@ -40,6 +41,7 @@ from gevent.threadpool import ThreadPool
 
 from ..errors import CacheError
 from ..rates.table import MAX_ROW_BYTES, RateTable
+from .jsondisk import JsonCache, UnsafeRow
 from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
@@ -55,13 +57,6 @@ DATABASE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 _CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 #: everything the disk layer may raise that means "the cache failed", not "a bug"
 _DISK_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
-#: the disk thread is a native thread: a patched time.sleep there would start a second hub
-_native_sleep = gevent.monkey.get_original("time", "sleep")
-
-
-class UnsafeRow(ValueError):
-    """A row that is not JSON text (a pickle, bytes, a number), or too large to be a
-    table; it is never decoded."""
 
 
 class BadRowError(CacheError):
@@ -71,80 +66,6 @@ class BadRowError(CacheError):
     def __init__(self, key: str, why: str) -> None:
         super().__init__(f"row {key!r} is not a rate table: {why}")
         self.key, self.why = key, why
-
-
-class JsonDisk(diskcache.Disk):
-    """``diskcache.Disk`` for string keys and string values only; never calls pickle.
-
-    diskcache pickles any key or value that is not str/bytes/int/float and unpickles
-    whatever a row says is a pickle. Here storing such a thing is a ``TypeError`` and
-    reading one is ``UnsafeRow``, so a row planted by another writer is refused unread.
-    """
-
-    def put(self, key: object) -> tuple[object, bool]:
-        if type(key) is not str:
-            raise TypeError(f"cache keys are strings, not {type(key).__name__}")
-        return super().put(key)
-
-    def get(self, key: object, raw: bool) -> object:
-        if not raw:
-            raise UnsafeRow("pickled key refused")
-        return super().get(key, raw)
-
-    def store(self, value: object, read: bool,
-              key: object = diskcache.UNKNOWN) -> tuple[int, int, str | None, object]:
-        if type(value) is not str or read:
-            raise TypeError(f"cache values are JSON text, not {type(value).__name__}")
-        return super().store(value, read, key)
-
-    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
-        # MODE_RAW holds short text in the row, MODE_TEXT long text in a file beside it;
-        # both are read as text. Pickles and bytes are refused without being read.
-        if mode == diskcache.core.MODE_RAW and type(value) is str:
-            return value
-        if mode == diskcache.core.MODE_TEXT and not read and filename:
-            size = os.path.getsize(os.path.join(self._directory, filename))
-            if size > MAX_ROW_BYTES:  # checked before reading: a real table is a few KB
-                raise UnsafeRow(f"row file of {size} bytes refused unread")
-            return super().fetch(mode, filename, value, read)
-        raise UnsafeRow(f"row stored in mode {mode} refused: only JSON text is read")
-
-
-class _JsonCache(diskcache.Cache):
-    """``diskcache.Cache`` over ``JsonDisk`` whose lock waits are bounded.
-
-    diskcache retries "database is locked" for 60 s in ``__init__`` and ``reset`` (outside
-    transactions, where its ``timeout`` does not apply). A cache is not worth a minute of
-    start-up: this gives up after ``lock_wait_s`` seconds and the caller treats it as a
-    failure. (Overrides the private ``_sql_retry`` of diskcache 5.6.)
-    """
-
-    def __init__(self, directory, timeout, lock_wait_s, **settings):
-        self._lock_wait_s = lock_wait_s
-        try:
-            super().__init__(directory, timeout=timeout, disk=JsonDisk, **settings)
-        except BaseException:
-            # A half-built instance still holds its SQLite connection: close it now, so
-            # the corrupt file can be moved aside and no descriptor leaks.
-            if hasattr(self, "_local"):
-                self.close()
-            raise
-
-    @property
-    def _sql_retry(self):
-        sql = self._sql
-        deadline = time.monotonic() + self._lock_wait_s
-
-        def execute(statement, *args, **kwargs):
-            while True:
-                try:
-                    return sql(statement, *args, **kwargs)
-                except sqlite3.OperationalError as e:
-                    if str(e) != "database is locked" or time.monotonic() > deadline:
-                        raise
-                    _native_sleep(0.01)
-
-        return execute
 
 
 def _returning_failure(fn, *args):
@@ -380,9 +301,9 @@ class TableCache:
         return True
 
     def _connect(self):
-        return _JsonCache(self.directory, timeout=self.timeout_s,
+        return JsonCache(self.directory, timeout=self.timeout_s,
                           lock_wait_s=3 * self.timeout_s, statistics=1,
-                          sqlite_cache_size=SQLITE_CACHE_PAGES, sqlite_mmap_size=0)
+                         sqlite_cache_size=SQLITE_CACHE_PAGES, sqlite_mmap_size=0)
 
     def _move_aside(self):
         """Move the database's own files into a new ``corrupt-STAMP`` subdirectory;
