@@ -128,6 +128,22 @@ def test_a_month_answer_dated_a_decade_early_is_refused_named_and_never_cached(
     assert cache.get("frankfurter", DEC_15) is None
 
 
+def test_an_empty_month_answer_cannot_stretch_one_days_table_over_the_month(
+        open_book, bundle):
+    def answer(target):
+        if ".." in target:   # the month: no publication at all
+            return response({"amount": 1.0, "base": "EUR", "start_date": "2010-11-24",
+                             "end_date": "2010-12-31", "rates": {}})
+        return response(frankfurter_answer(bundle, target))   # honest single days
+
+    with RawApi(answer) as api:
+        book, cache, _ = open_book(api.origin)
+        with pytest.raises(RateUnavailable, match="frankfurter answered a publication of "
+                                                  "2010-12-01 for 2010-12-09"):
+            book.get(DEC_15, "USD")
+    assert cache.get("frankfurter", datetime.date(2010, 12, 1)) is None
+
+
 def test_a_single_day_answer_for_a_publication_after_the_day_asked_is_refused(
         open_book, bundle):
     today = utc_today()

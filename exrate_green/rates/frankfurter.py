@@ -102,6 +102,7 @@ class FrankfurterProvider:
             # Before the range's first publication: the single-day endpoint says which
             # earlier one is valid; the days after it until that first publication share it.
             orphan = orphan or self.fetch(day, **http)
+            check_publication(self.name, orphan.published, day)  # never stretched a month
             tables.append(RateTable(provider=self.name, day=day, published=orphan.published,
                                     rates=orphan.rates, fetched_at=now))
         return tables
