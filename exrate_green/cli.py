@@ -61,7 +61,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 
 from docopt import DocoptExit, docopt
@@ -75,7 +74,7 @@ from .usage import HELP_POINTER, usage_problem
 
 log = logging.getLogger("exrate_green")
 
-#: the access key ``demo`` gives its fake exchangerate.host (``demo.DEMO_ACCESS_KEY``)
+#: the access key ``demo`` gives its fake exchangerate.host when the user has none
 DEMO_ACCESS_KEY = "demo-access-key"
 
 
@@ -95,18 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         "cache_dir": args["--cache-dir"] and os.path.expanduser(args["--cache-dir"]),
         "log_level": args["--log-level"] and args["--log-level"].upper(),
         "show_messages": True if args["--show-messages"] else None}
-    environ: Mapping[str, str] = os.environ
-    if args["demo"]:
-        # The demo is sealed (demo.py): no real store, API, key or cache directory of the
-        # user's is read. Its fake rate API takes its own key, so every provider runs
-        # offline; ecb stays the default.
-        from .demo import sealed_environ
-        environ = sealed_environ(os.environ)
-        flags["access_key"], flags["cache_dir"] = DEMO_ACCESS_KEY, None
-        if not flags["provider"] and not environ.get("EXRATE_PROVIDER"):
+    if args["demo"] and not os.environ.get("EXCHANGE_ACCESS_KEY"):
+        # The demo's fake rate API takes any key: the demo supplies one, so every provider
+        # runs offline; without a key of the user's, ecb stays the default.
+        flags["access_key"] = DEMO_ACCESS_KEY
+        if not flags["provider"] and not os.environ.get("EXRATE_PROVIDER"):
             flags["provider"] = "ecb"
     try:
-        settings = Settings.load(environ, **flags)
+        settings = Settings.load(**flags)
     except ConfigError as e:
         print(f"exrate-service: configuration error: {e}", file=sys.stderr)
         return 2

@@ -4,10 +4,11 @@ The bundled currency-assignment simulator plays the upstream and a fake rate API
 Frankfurter and exchangerate.host (from the bundled ECB data), so every provider's code
 path runs with no network. The service runs in this process exactly as in production.
 
-The demo is sealed: its fake rates must never reach anything real. It ignores
-``REDIS_URL`` (a fleet would serve the fake tables), the user's cache directory, the real
-rate-API URLs and access key and the upstream URL (``sealed_environ``), and runs on a
-temporary cache of its own, removed at the end.
+The demo is sealed: its fake rates must never reach anything real. The configuration is
+read and checked as for every command (a bad value is still refused at start), then
+``seal`` replaces everything real in it: ``REDIS_URL`` (a fleet would serve the fake
+tables), the user's cache directory, the real rate-API URLs, access key and CA file, and
+the upstream URL. The demo runs on a temporary cache of its own, removed at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
@@ -32,18 +33,6 @@ log = logging.getLogger("exrate_green.demo")
 
 #: the access key the demo gives its fake exchangerate.host (never the user's real one)
 DEMO_ACCESS_KEY = "demo-access-key"
-#: what the demo never takes from the environment: real stores, real APIs, real secrets
-SEALED_VARIABLES = ("REDIS_URL", "EXRATE_REDIS_VERIFY", "EXRATE_CACHE_DIR", "XDG_CACHE_HOME",
-                    "EXCHANGE_ACCESS_KEY", "EXCHANGERATE_HOST_URL", "FRANKFURTER_URL",
-                    "EXRATE_URL", "EXRATE_CA_FILE")
-
-
-def sealed_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` without ``SEALED_VARIABLES``: what the demo's settings are read from,
-    so that a real (or broken) ``REDIS_URL`` or key neither reaches nor stops the demo."""
-    return {name: value for name, value in environ.items() if name not in SEALED_VARIABLES}
-
-
 def run_demo(settings: Settings, *, duration_s: float | None = None, rate: float = 20.0,
              out: Callable[[str], object] = print) -> int:
     """Run until ``duration_s`` seconds pass or SIGINT/SIGTERM; 0 if every reply was right."""

@@ -78,12 +78,6 @@ def test_the_demo_reads_and_writes_nothing_of_the_users(user_world, provider):
     untouched(user_world, before_files, connections)
 
 
-def test_the_demo_runs_with_a_broken_redis_url_in_the_environment(user_world, tmp_path):
-    env = dict(user_world["env"], REDIS_URL="ftp://not-redis")
-    result = run_service(["demo", "--duration=1", "--rate=20"], env, 60)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_simulate_reads_and_writes_nothing_of_the_users(user_world):
     before_files = snapshot(user_world["cache_dir"])
     connections = int(user_world["client"].info("stats")["total_connections_received"])
