@@ -390,3 +390,15 @@ def wait_for(predicate, timeout_s):
             return True
         gevent.sleep(0.05)
     return False
+
+
+def test_closing_the_book_releases_waiters_still_queued(api, cache, clock, open_book):
+    api.latency_s = 0.5
+    book = open_book(cache, "exchangerate.host", ehost=api, fetch_concurrency=1)
+    waits = [gevent.spawn(timed, book.get, MAY_18 + datetime.timedelta(days=n))
+             for n in range(4)]
+    assert wait_for(lambda: api.calls == 1, 5)     # one fetching, three queued
+    book.close()
+    gevent.joinall(waits, timeout=5)
+    assert all(g.ready() for g in waits)
+    assert any("shutting down" in str(g.value[1]) for g in waits)

@@ -143,6 +143,10 @@ class ProviderLane:
     def close(self, timeout: float = 1.0) -> None:
         """Stop fetching; writes in progress get ``timeout`` seconds to land."""
         self._fetchers.kill(timeout=timeout)
+        for job in list(self.jobs.values()):  # queued, never to start: nobody waits for ever
+            if not job.done.ready():
+                self._settle(job, exception=RateUnavailable(
+                    f"{self.name}: the fetch was stopped (shutting down)"))
         self._writers.join(timeout=timeout)
         self._writers.kill(timeout=timeout)
 
