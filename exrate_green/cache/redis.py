@@ -160,7 +160,7 @@ class RedisTier:
         #: writes Redis refused (read-only replica, OOM): counted, never a rest
         self.refusals = 0
         self._refusal_warned_at: float | None = None
-        self._counts = Group()  # best-effort hit counters, nobody waits for them
+        self._counts = Group()  # best-effort counters and deletions, nobody waits for them
         self._release = self._client.register_script(_RELEASE)
         self._stats_key = f"{prefix}stats"
         # health: after a failure no call is made until _rest_until (monotonic seconds),
@@ -229,9 +229,13 @@ class RedisTier:
 
     def _count(self, field):
         """Add one to the fleet's ``field`` counter, best-effort, beside the lookup."""
+        self._beside(self._client.hincrby, self._stats_key, field, 1)
+
+    def _beside(self, fn, *args):
+        """``fn(*args)`` best-effort in a greenlet of its own: the lookup never waits for
+        it (at most ``MAX_COUNTS`` at once; past that, or while Redis rests, skipped)."""
         if len(self._counts) < MAX_COUNTS and self.enabled:
-            self._counts.spawn(self._best_effort, self._client.hincrby,
-                               self._stats_key, field, 1)
+            self._counts.spawn(self._best_effort, fn, *args)
 
     def _best_effort(self, fn, *args):
         """``fn(*args)`` within ``deadline_s``; any failure ignored (and not counted
@@ -287,7 +291,7 @@ class RedisTier:
         except ValueError as e:  # UnicodeDecodeError included
             self.errors += 1
             self.bad_rows.report(key, str(e))
-            self._best_effort(self._client.delete, self._key(key))
+            self._beside(self._client.delete, self._key(key))
             return None
         if table.fetched_at + self.keep_s <= time.time():
             return None  # written by a process that keeps tables longer
