@@ -3,6 +3,12 @@
 The bundled currency-assignment simulator plays the upstream and a fake rate API plays
 Frankfurter and exchangerate.host (from the bundled ECB data), so every provider's code
 path runs with no network. The service runs in this process exactly as in production.
+
+The demo is sealed: its fake rates must never reach anything real. The configuration is
+read and checked as for every command (a bad value is still refused at start), then
+``seal`` replaces everything real in it: ``REDIS_URL`` (a fleet would serve the fake
+tables), the user's cache directory, the real rate-API URLs, access key and CA file, and
+the upstream URL. The demo runs on a temporary cache of its own, removed at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("exrate_green.demo")
 
-
+#: the access key the demo gives its fake exchangerate.host (never the user's real one)
+DEMO_ACCESS_KEY = "demo-access-key"
 def run_demo(settings: Settings, *, duration_s: float | None = None, rate: float = 20.0,
              out: Callable[[str], object] = print) -> int:
     """Run until ``duration_s`` seconds pass or SIGINT/SIGTERM; 0 if every reply was right."""
@@ -38,11 +45,8 @@ def run_demo(settings: Settings, *, duration_s: float | None = None, rate: float
         gevent.signal_handler(signum, done.set)
     try:
         with FakeRateApi() as rate_api, Upstream(request_rate=rate) as upstream:
-            demo_settings = settings.replace(
-                url=upstream.url, cache_dir=cache_dir,
-                frankfurter_url=rate_api.url + "/v1", exchangerate_host_url=rate_api.url,
-                access_key=settings.access_key or "demo-key",
-                summary_interval_s=min(settings.summary_interval_s, 10.0))
+            assert upstream.url is not None  # started by the with
+            demo_settings = seal(settings, upstream.url, rate_api.url, cache_dir)
             log.info("demo: upstream simulator at %s, fake rate API at %s, provider %s, "
                      "%g requests/s%s", upstream.url, rate_api.url, demo_settings.provider, rate,
                      f", {duration_s:g} s" if duration_s else ", Ctrl-C to stop")
@@ -69,6 +73,15 @@ def run_demo(settings: Settings, *, duration_s: float | None = None, rate: float
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return 0 if not report["invalid"] and not report["unanswered"] else 1
+
+
+def seal(settings: Settings, upstream_url: str, rate_api_url: str, cache_dir: str) -> Settings:
+    """``settings`` with everything real replaced by the demo's own: no Redis, a temporary
+    cache, the fake rate API and its key, the simulator as upstream, the system CAs."""
+    return settings.replace(
+        url=upstream_url, cache_dir=cache_dir, redis_url=None, ca_file=None,
+        frankfurter_url=rate_api_url + "/v1", exchangerate_host_url=rate_api_url,
+        access_key=DEMO_ACCESS_KEY, summary_interval_s=min(settings.summary_interval_s, 10.0))
 
 
 def format_summary(report: dict, service: Service, rate_api: FakeRateApi,

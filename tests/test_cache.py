@@ -194,6 +194,8 @@ def test_corrupt_database_is_moved_aside_and_recreated(cache_dir, warnings_log):
     cache_dir.mkdir()
     garbage = b"this is not an SQLite database\x00\xff" * 200
     (cache_dir / "cache.db").write_bytes(garbage)
+    (cache_dir / "cache.db-journal.txt").write_text("a user's file with a close name")
+    (cache_dir / "photos").mkdir()
 
     c = TableCache(cache_dir, ttl_s=3600)
     c.open()
@@ -202,9 +204,11 @@ def test_corrupt_database_is_moved_aside_and_recreated(cache_dir, warnings_log):
         assert c.put(table()) and c.get("ecb", DAY) is not None
     finally:
         c.close()
-    moved = list(cache_dir.parent.glob("cache.corrupt-*"))
-    assert len(moved) == 1
+    moved = list(cache_dir.glob("corrupt-*"))  # a subdirectory of ours, our files only
+    assert len(moved) == 1 and not list(cache_dir.parent.glob("cache.corrupt-*"))
     assert (moved[0] / "cache.db").read_bytes() == garbage
+    assert (cache_dir / "cache.db-journal.txt").exists() and (cache_dir / "photos").is_dir()
+    assert sorted(p.name for p in moved[0].iterdir()) == ["cache.db"]
     assert any("corrupt" in r.getMessage() and str(moved[0]) in r.getMessage()
                for r in warnings_log.records)
 
@@ -336,7 +340,8 @@ def test_malformed_rows_are_misses_and_deleted(cache, warnings_log):
         assert len(foreign) == 0
     finally:
         foreign.close()
-    assert len(warnings_log.records) == 3
+    assert len(warnings_log.records) == 1  # rate-limited: one line a minute, with the count
+    assert cache.bad_rows.count == 3
 
 
 def test_thousand_concurrent_greenlets_share_one_connection(cache_dir):
@@ -478,7 +483,7 @@ def test_cli_stats(settings):
 
     lines = command(settings, "stats").splitlines()
     assert [line.split()[0] for line in lines] == [
-        "disk", "where", "entries", "bytes", "hits", "misses"]
+        "disk", "where", "entries", "bad_rows", "bytes", "hits", "misses"]
     assert lines[2].split() == ["entries", "3"]
 
 

@@ -138,11 +138,13 @@ def test_corrupt_cache_at_start_is_moved_aside(tmp_path):
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     (cache_dir / "cache.db").write_bytes(b"garbage, not SQLite\x00\xff" * 500)
+    (cache_dir / "notes.txt").write_text("the user's own file")
     with service_on(tmp_path, cache_dir) as (up, api, service):
         assert service.book.cache.enabled
         serves(up, cold_days(3), bound_s=1.0)
         assert service.book.cache.entries()  # the new cache works
-    assert len(list(tmp_path.glob("cache.corrupt-*"))) == 1
+    assert len(list(cache_dir.glob("corrupt-*"))) == 1  # only its own files moved
+    assert (cache_dir / "notes.txt").read_text() == "the user's own file"
 
 
 def test_cache_corrupted_while_running(tmp_path):

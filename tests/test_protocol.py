@@ -156,7 +156,7 @@ def test_far_future_allows_one_day_of_clock_skew():
 
 def test_a_currency_code_with_a_trailing_newline_is_refused_by_requests_and_providers():
     from exrate_green.rates import http
-    from exrate_green.rates.frankfurter import euro_rates
+    from exrate_green.rates.checks import ImplausibleAnswer, checked_rates
 
     with pytest.raises(ProtocolError, match="invalid currency"):
         protocol.read_currency("USD\n")
@@ -166,5 +166,7 @@ def test_a_currency_code_with_a_trailing_newline_is_refused_by_requests_and_prov
         with pytest.raises(ProtocolError):
             protocol.read_currency(bad)
     assert http.is_currency_code is protocol.is_currency_code   # one validator
-    assert euro_rates({"USD\n": 1.2, "GBP": 0.9}, "test") == {"GBP": Decimal("0.9"),
-                                                                "EUR": Decimal(1)}
+    day = datetime.date(2021, 5, 18)
+    assert checked_rates({"GBP": 0.9}, "test", day) == {"GBP": Decimal("0.9"), "EUR": Decimal(1)}
+    with pytest.raises(ImplausibleAnswer, match="implausible rate"):
+        checked_rates({"USD\n": 1.2, "GBP": 0.9}, "test", day)

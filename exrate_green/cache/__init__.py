@@ -6,8 +6,9 @@ diskcache tier, ``redis`` the Redis tier, ``flight`` single-flight across proces
 """
 
 from .commands import run_cache_command
-from .disk import JsonDisk, TableCache, table_key
+from .disk import TableCache, table_key
 from .flight import Flights
+from .jsondisk import JsonDisk
 from .redis import RedisTier, check_redis_url, redacted_url, redis_password
 from .tiers import TieredCache, open_cache
 

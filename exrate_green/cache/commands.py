@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 from ..errors import CacheError, ConfigError, ExrateError
 from .disk import TableCache
 from .redis import RedisTier
+from .rows import BadRow
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -161,6 +162,10 @@ def _merge_list(results, settings):
     now = datetime.datetime.now(datetime.UTC).timestamp()
     rows = [row for tier_rows in results.values() for row in tier_rows]
     for row in rows:
+        if row["fetched_at"] is None:  # a bad row: nothing to judge
+            row["fresh_for_s"] = row["stale_for_s"] = 0.0
+            row["expires_in_s"] = _rounded(row["expires_in_s"])
+            continue
         age_s = now - row["fetched_at"]
         row["fresh_for_s"] = round(max(0.0, settings.cache_ttl_s - age_s), 1)
         row["stale_for_s"] = round(max(0.0, age_s - settings.cache_ttl_s), 1)
@@ -172,10 +177,14 @@ def _merge_list(results, settings):
 
 
 def _merge_show(results, settings):
-    """Each distinct table once, with the tiers that hold it."""
+    """Each distinct table once, with the tiers that hold it; a bad row as bad."""
     shown: dict = {}
     for tier_name, tables in results.items():
         for t in tables:
+            if isinstance(t, BadRow):
+                shown[(t.provider, tier_name, t.why)] = {
+                    "provider": t.provider, "day": t.day, "tiers": [tier_name], "bad": t.why}
+                continue
             rates = {code: str(rate) for code, rate in sorted(t.rates.items())}
             key = (t.provider, t.fetched_at, json.dumps(rates))
             entry = shown.setdefault(key, {
@@ -183,7 +192,7 @@ def _merge_show(results, settings):
                 "published": t.published.isoformat(), "fetched_at": _utc_iso(t.fetched_at),
                 "tiers": [], "rates": rates})
             entry["tiers"].append(tier_name)
-    return sorted(shown.values(), key=lambda e: (e["provider"], e["fetched_at"]))
+    return sorted(shown.values(), key=lambda e: (e["provider"], e.get("fetched_at", "")))
 
 
 def _merge_stats(results, settings):
@@ -207,7 +216,7 @@ def _format_list(rows, day, settings, out):
         headers = ("TIER", "PROVIDER", "DAY", "PUBLISHED", "CURRENCIES", "FETCHED AT (UTC)",
                    "FRESHNESS", "DROPPED IN")
         body = [(r["tier"], r["provider"], r["day"], r["published"], str(r["currencies"]),
-                 r["fetched_at"], _freshness(r), _duration(r["expires_in_s"]))
+                 r["fetched_at"] or "-", _freshness(r), _duration(r["expires_in_s"]))
                 for r in rows]
         _print_table(headers, body, out, right={4})
     note = _ecb_note(settings)
@@ -216,6 +225,8 @@ def _format_list(rows, day, settings, out):
 
 
 def _freshness(row):
+    if row.get("bad"):
+        return f"BAD ROW: {row['bad']}"[:100]
     if row["fresh_for_s"] > 0:
         return f"fresh for {_duration(row['fresh_for_s'])}"
     return f"stale for {_duration(row['stale_for_s'])}"
@@ -241,6 +252,11 @@ def _format_show(tables, day, settings, out):
     for n, table in enumerate(tables):
         if n:
             print(file=out)
+        if table.get("bad"):
+            print(f"{table['provider']} {table['day']}: BAD ROW in {table['tiers'][0]} "
+                  f"(treated as a miss, deleted when the service reads it): {table['bad']}",
+                  file=out)
+            continue
         print(f"{table['provider']} {table['day']} (published {table['published']}, "
               f"{len(table['rates'])} currencies per 1 EUR, fetched {table['fetched_at']}, "
               f"in {' and '.join(table['tiers'])})", file=out)
@@ -276,6 +292,10 @@ def _print_table(headers, rows, out, right=()):
         cells = [cell.rjust(w) if i in right else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(line, widths))]
         print("  ".join(cells).rstrip(), file=out)
+
+
+def _rounded(seconds):
+    return None if seconds is None else round(seconds, 1)
 
 
 def _utc_iso(epoch_s):

@@ -3,9 +3,10 @@
 Why the shape:
 
 * Values are ``RateTable.to_json()`` text and keys are ``"{provider}/{YYYY-MM-DD}"``
-  strings. ``JsonDisk`` refuses to store anything else and refuses to decode a pickled
-  key or value that something else wrote into the directory, so nobody who can write the
-  cache can run code through it.
+  strings. ``JsonDisk`` (``jsondisk.py``) refuses to store anything else and to decode a
+  pickled key or value that something else wrote into the directory, so nobody who can
+  write the cache can run code through it. Every row read is untrusted input, checked by
+  ``RateTable.from_json`` after its size (a bad one is a deleted miss, ``rows.py``).
 * SQLite never yields to the gevent hub, its lock waits block the whole process, and with
   a monkey-patched ``threading.local`` diskcache opens one connection per greenlet. So
   every disk access runs in ONE native thread (``ThreadPool(1)`` owned by the cache):
@@ -25,7 +26,9 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,91 +40,32 @@ import gevent.monkey
 from gevent.threadpool import ThreadPool
 
 from ..errors import CacheError
-from ..rates.table import RateTable
+from ..rates.table import MAX_ROW_BYTES, RateTable
+from .jsondisk import JsonCache, UnsafeRow
+from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
 
+#: SQLite's page cache, in 4 KiB pages (diskcache's default is 8,192: 32 MiB, plus a
+#: 64 MiB memory map). Rows are a few KB and read once before the memory front holds
+#: them, so 1 MiB and no map is plenty; a full cache's worth of pages resident would be a
+#: third of the service's memory after a cold storm over every month since 1999.
+SQLITE_CACHE_PAGES = 256
+#: diskcache's database and SQLite's journal files: what a corrupt cache moves aside
+DATABASE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 #: SQLite errors that mean the file is not a usable database (moved aside at start-up)
 _CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 #: everything the disk layer may raise that means "the cache failed", not "a bug"
 _DISK_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
-#: the disk thread is a native thread: a patched time.sleep there would start a second hub
-_native_sleep = gevent.monkey.get_original("time", "sleep")
 
 
-class UnsafeRow(ValueError):
-    """A row that is not JSON text (a pickle, bytes, a number); it is never decoded."""
+class BadRowError(CacheError):
+    """A row under our key that is not a rate table (deleted): a miss, warned about at
+    most once a minute."""
 
-
-class JsonDisk(diskcache.Disk):
-    """``diskcache.Disk`` for string keys and string values only; never calls pickle.
-
-    diskcache pickles any key or value that is not str/bytes/int/float and unpickles
-    whatever a row says is a pickle. Here storing such a thing is a ``TypeError`` and
-    reading one is ``UnsafeRow``, so a row planted by another writer is refused unread.
-    """
-
-    def put(self, key: object) -> tuple[object, bool]:
-        if type(key) is not str:
-            raise TypeError(f"cache keys are strings, not {type(key).__name__}")
-        return super().put(key)
-
-    def get(self, key: object, raw: bool) -> object:
-        if not raw:
-            raise UnsafeRow("pickled key refused")
-        return super().get(key, raw)
-
-    def store(self, value: object, read: bool,
-              key: object = diskcache.UNKNOWN) -> tuple[int, int, str | None, object]:
-        if type(value) is not str or read:
-            raise TypeError(f"cache values are JSON text, not {type(value).__name__}")
-        return super().store(value, read, key)
-
-    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
-        # MODE_RAW holds short text in the row, MODE_TEXT long text in a file beside it;
-        # both are read as text. Pickles and bytes are refused without being read.
-        if mode == diskcache.core.MODE_RAW and type(value) is str:
-            return value
-        if mode == diskcache.core.MODE_TEXT and not read:
-            return super().fetch(mode, filename, value, read)
-        raise UnsafeRow(f"row stored in mode {mode} refused: only JSON text is read")
-
-
-class _JsonCache(diskcache.Cache):
-    """``diskcache.Cache`` over ``JsonDisk`` whose lock waits are bounded.
-
-    diskcache retries "database is locked" for 60 s in ``__init__`` and ``reset`` (outside
-    transactions, where its ``timeout`` does not apply). A cache is not worth a minute of
-    start-up: this gives up after ``lock_wait_s`` seconds and the caller treats it as a
-    failure. (Overrides the private ``_sql_retry`` of diskcache 5.6.)
-    """
-
-    def __init__(self, directory, timeout, lock_wait_s, **settings):
-        self._lock_wait_s = lock_wait_s
-        try:
-            super().__init__(directory, timeout=timeout, disk=JsonDisk, **settings)
-        except BaseException:
-            # A half-built instance still holds its SQLite connection: close it now, so
-            # the corrupt file can be moved aside and no descriptor leaks.
-            if hasattr(self, "_local"):
-                self.close()
-            raise
-
-    @property
-    def _sql_retry(self):
-        sql = self._sql
-        deadline = time.monotonic() + self._lock_wait_s
-
-        def execute(statement, *args, **kwargs):
-            while True:
-                try:
-                    return sql(statement, *args, **kwargs)
-                except sqlite3.OperationalError as e:
-                    if str(e) != "database is locked" or time.monotonic() > deadline:
-                        raise
-                    _native_sleep(0.01)
-
-        return execute
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"row {key!r} is not a rate table: {why}")
+        self.key, self.why = key, why
 
 
 def _returning_failure(fn, *args):
@@ -132,6 +76,37 @@ def _returning_failure(fn, *args):
         return None, fn(*args)
     except CacheError as e:
         return e, None
+
+
+def _usable_directory(directory: Path) -> tuple[Path, bool]:
+    """(``directory`` made absolute with ``~`` expanded, False), or, when ``~`` cannot be
+    expanded (HOME unset and a uid with no passwd entry, as in many containers), (a new
+    private temporary directory, True) with one warning: a service without a home still
+    serves, its disk cache lasting as long as the process."""
+    try:
+        return directory.expanduser().absolute(), False
+    except RuntimeError:  # "Could not determine home directory"
+        temporary = Path(tempfile.mkdtemp(prefix="exrate-green-cache-"))
+        log.warning("no usable home directory for the cache at %s (HOME is unset and uid %d "
+                    "has no passwd entry): using the temporary %s for this process; set "
+                    "EXRATE_CACHE_DIR to keep tables across restarts", directory, os.getuid(),
+                    temporary)
+        return temporary, True
+
+
+def table_entry(tier: str, table: RateTable | BadRow, expire_time: float | None,
+                now: float) -> dict[str, Any]:
+    """One ``cache list`` row: tier, provider, day, published (ISO dates), currencies
+    (count), fetched_at (epoch s), expires_in_s (s, None: never), bad (why, or None)."""
+    if isinstance(table, BadRow):
+        return {"tier": tier, "provider": table.provider, "day": table.day,
+                "published": "-", "currencies": 0, "fetched_at": None,
+                "expires_in_s": None if expire_time is None else expire_time - now,
+                "bad": table.why}
+    return {"tier": tier, "provider": table.provider, "day": table.day.isoformat(),
+            "published": table.published.isoformat(), "currencies": len(table.rates),
+            "fetched_at": table.fetched_at,
+            "expires_in_s": None if expire_time is None else expire_time - now, "bad": None}
 
 
 def table_key(provider: str, day: datetime.date) -> str:
@@ -161,7 +136,7 @@ class TableCache:
 
     def __init__(self, directory: str | os.PathLike[str], ttl_s: float, *,
                  stale_s: float = 0.0, timeout_s: float = 1.0, wait_s: float = 5.0) -> None:
-        self.directory = Path(directory).expanduser().absolute()
+        self.directory, self._temporary = _usable_directory(Path(directory))
         self.ttl_s = float(ttl_s)
         self.stale_s = float(stale_s)
         #: seconds a row is kept after its table's fetched_at
@@ -171,6 +146,7 @@ class TableCache:
         self.hits = 0
         self.misses = 0
         self.errors = 0
+        self.bad_rows = BadRowLog(self.name)
         self._pool: Any = None
         self._cache: Any = None  # touched only in the pool's thread
         self._enabled = False
@@ -193,10 +169,12 @@ class TableCache:
     def open(self) -> None:
         """Open (creating the directory) in the disk thread; never raises for disk trouble.
 
-        A corrupt database is moved aside to ``<directory>.corrupt-<UTC timestamp>`` with
-        a warning and a new one is created. If the cache still cannot be opened (read-only,
-        full, locked longer than ``3 * timeout_s``) a warning is logged and the cache runs
-        disabled: every get is a miss, every put a no-op.
+        A corrupt database is moved aside, its own files only (``cache.db`` and its
+        ``-wal``/``-shm``), into ``<directory>/corrupt-<UTC timestamp>/`` with a warning, and
+        a new one is created: the directory may hold files of the user's. If the cache
+        still cannot be opened (read-only, full, locked longer than ``3 * timeout_s``) a
+        warning is logged and the cache runs disabled: every get is a miss, every put a
+        no-op.
         """
         if self._enabled:
             return
@@ -209,6 +187,7 @@ class TableCache:
         self._enabled = False
         pool, self._pool = self._pool, None
         if pool is None:
+            self._remove_temporary()
             return
         try:
             with gevent.Timeout(self.wait_s, CacheError("disk thread busy at close")):
@@ -216,6 +195,13 @@ class TableCache:
         except (CacheError, *_DISK_ERRORS) as e:
             log.warning("closing the cache at %s: %s", self.directory, e)
         pool.kill()
+        self._remove_temporary()
+
+    def _remove_temporary(self):
+        """A temporary directory (no usable home) goes with the process that made it."""
+        if self._temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._temporary = False
 
     # -- the service's path: greenlets, never an exception -------------------------------
 
@@ -261,6 +247,10 @@ class TableCache:
             if failure is not None:
                 raise failure
             return value
+        except BadRowError as e:
+            self.errors += 1
+            self.bad_rows.report(e.key, e.why)
+            return None
         except CacheError as e:
             self.errors += 1
             log.warning("cache %s failed, treated as a miss: %s", what, e)
@@ -311,17 +301,23 @@ class TableCache:
         return True
 
     def _connect(self):
-        return _JsonCache(self.directory, timeout=self.timeout_s,
-                          lock_wait_s=3 * self.timeout_s, statistics=1)
+        return JsonCache(self.directory, timeout=self.timeout_s,
+                          lock_wait_s=3 * self.timeout_s, statistics=1,
+                         sqlite_cache_size=SQLITE_CACHE_PAGES, sqlite_mmap_size=0)
 
     def _move_aside(self):
+        """Move the database's own files into a new ``corrupt-STAMP`` subdirectory;
+        nothing else in the directory is touched (it may be a user's)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}")
+        target = self.directory / f"corrupt-{stamp}"
         n = 0
         while target.exists():
             n += 1
-            target = self.directory.with_name(f"{self.directory.name}.corrupt-{stamp}-{n}")
-        os.rename(self.directory, target)
+            target = self.directory / f"corrupt-{stamp}-{n}"
+        target.mkdir(mode=0o700)
+        for name in DATABASE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.directory / name, target / name)
         return target
 
     def _disable(self, e):
@@ -338,26 +334,43 @@ class TableCache:
     def _read(self, key):
         self._check_not_skipping()
         try:
+            size = self._row_size(key)
+            if size > MAX_ROW_BYTES:
+                raise UnsafeRow(f"{size} bytes, larger than any rate table")
             text = self._cache.get(key)
         except ValueError as e:  # UnsafeRow, or a text file that is not UTF-8
             self._discard(key)
-            raise CacheError(f"row {key!r} refused and deleted: {e}") from e
+            raise BadRowError(key, f"refused: {e}") from e
         except _DISK_ERRORS as e:
             raise self._failure(f"cannot read {key!r}", e) from e
         return None if text is None else self._parse(key, text)
 
+    def _row_size(self, key):
+        """Bytes of the row's in-database value (0 if none): known before SQLite loads
+        it, so a planted 32 MB row is refused without being read."""
+        row = self._cache._sql("SELECT length(CAST(value AS BLOB)) FROM Cache "
+                               "WHERE key = ? AND raw = 1", (key,)).fetchone()
+        return (row[0] or 0) if row else 0
+
     def _parse(self, key, text):
+        """The table of a row just read, or None when too old; a bad row is deleted
+        and raised as ``BadRowError``."""
         try:
-            table = RateTable.from_json(text)
+            table = self._decode(key, text)
         except ValueError as e:
             self._discard(key)
-            raise CacheError(f"row {key!r} is not a rate table, deleted: {e}") from e
-        if table_key(table.provider, table.day) != key:
-            self._discard(key)
-            raise CacheError(f"row {key!r} holds the table of "
-                             f"{table_key(table.provider, table.day)!r}, deleted")
+            raise BadRowError(key, str(e)) from e
         if table.fetched_at + self.keep_s <= time.time():
             return None  # written by a process that keeps tables longer; too old for ours
+        return table
+
+    def _decode(self, key, text):
+        """``RateTable`` of the row ``key``; ``ValueError`` if it is not that table."""
+        if not isinstance(text, str):
+            raise ValueError("not JSON text")
+        table = RateTable.from_json(text)
+        if table_key(table.provider, table.day) != key:
+            raise ValueError(f"holds the table of {table_key(table.provider, table.day)!r}")
         return table
 
     def _write(self, table):
@@ -407,15 +420,8 @@ class TableCache:
 
     def _entries(self):
         now = time.time()
-        return [{
-            "tier": self.name,
-            "provider": table.provider,
-            "day": table.day.isoformat(),
-            "published": table.published.isoformat(),
-            "currencies": len(table.rates),
-            "fetched_at": table.fetched_at,
-            "expires_in_s": None if expire_time is None else expire_time - now,
-        } for table, expire_time in self._live_tables(lambda key: True)]
+        return [table_entry(self.name, table, expire_time, now)
+                for table, expire_time in self._live_tables(lambda key: True)]
 
     def _tables_for(self, day):
         suffix = "/" + day.isoformat()
@@ -426,8 +432,9 @@ class TableCache:
         try:
             self._cache.expire()  # so that "entries" counts live tables only
             hits, misses = self._cache.stats(enable=True)
+            bad = sum(isinstance(t, BadRow) for t, _ in self._live_tables(lambda key: True))
             return {"tier": self.name, "where": str(self.directory),
-                    "entries": len(self._cache),
+                    "entries": len(self._cache), "bad_rows": bad,
                     "bytes": self._cache.volume(), "hits": hits, "misses": misses}
         except _DISK_ERRORS as e:
             raise CacheError(f"cannot read cache statistics: {e!r}") from e
@@ -439,29 +446,32 @@ class TableCache:
             raise CacheError(f"cannot clear the cache: {e!r}") from e
 
     def _live_tables(self, wanted):
-        """(table, expire_time) for every unexpired, well-formed row whose key is wanted."""
+        """(table or ``BadRow``, expire_time) for every unexpired row whose key is
+        wanted; bad rows are shown as bad, not deleted (inspection changes nothing)."""
         found = []
         with self._quiet_statistics():
             try:
                 for key in self._text_keys():
-                    if not wanted(key):
-                        continue
-                    value, expire_time = self._cache.get(key, expire_time=True)
-                    table = self._inspectable(key, value)
-                    if table is not None:
-                        found.append((table, expire_time))
+                    if wanted(key):
+                        found += self._inspectable(key)
             except _DISK_ERRORS as e:
                 raise CacheError(f"cannot list the cache: {e!r}") from e
         return found
 
-    def _inspectable(self, key, value):
-        if value is None:
-            return None  # expired or removed meanwhile
+    def _inspectable(self, key):
         try:
-            return self._parse(key, value)
-        except CacheError as e:
-            log.warning("%s", e)
-            return None
+            size = self._row_size(key)
+            if size > MAX_ROW_BYTES:
+                raise UnsafeRow(f"{size} bytes, larger than any rate table")
+            value, expire_time = self._cache.get(key, expire_time=True)
+            if value is None:
+                return []  # expired or removed meanwhile
+            table = self._decode(key, value)
+        except ValueError as e:
+            return [(BadRow(self.name, key, str(e)), None)]
+        if table.fetched_at + self.keep_s <= time.time():
+            return []  # kept longer by another process; too old for ours
+        return [(table, expire_time)]
 
     def _text_keys(self):
         # SQLite sorts TEXT before BLOB, so iterkeys() yields every string key before any

@@ -16,6 +16,14 @@ Why the shape:
   truth. After a failure the tier rests (1 s, doubling to ``max_rest_s``), then one caller
   probes while the others carry on without Redis; the next success ends the rest
   (redis-py reconnects by itself). A warning is logged at most once per ``warn_every_s``.
+* Reads never depend on writes: a lookup is one read-only command (``GETRANGE``, bounded
+  to ``MAX_ROW_BYTES + 1`` bytes so a planted 32 MB row never crosses the wire), and a
+  Redis that refuses writes (a read-only replica, OOM with ``noeviction``) is not "down":
+  the refusal is warned about once a minute and reads carry on. Hit counters are
+  best-effort, counted beside the lookup, never in its way.
+* Rows are untrusted input: anything under our keys that is not a table this service
+  could have written (wrong type, too large, not JSON, implausible) is a miss, deleted
+  best-effort, with one warning a minute.
 * The password of ``REDIS_URL`` is a secret: the tier shows the URL as ``where`` with the
   password replaced by ``***`` and redacts it from every text it produces.
 """
@@ -28,13 +36,15 @@ from collections.abc import Callable, Iterable
 
 import gevent
 import redis
+from gevent.pool import Group
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import CacheError, ConfigError
-from ..rates.table import RateTable
+from ..rates.table import MAX_ROW_BYTES, RateTable
 from ..redact import MASK, redact
-from .disk import table_key
+from .disk import table_entry, table_key
+from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
 
@@ -42,14 +52,14 @@ SCHEMES = ("redis", "rediss", "unix")
 #: what a Redis call may raise that means "Redis failed", not "a bug"
 _REDIS_ERRORS = (redis.RedisError, OSError, ValueError)
 
-# One round trip per lookup that also counts it, shared by every process of the fleet
-# (the Redis twin of diskcache's persistent statistics).
-_GET_COUNTED = """
-local value = redis.call('GET', KEYS[1])
-if value then redis.call('HINCRBY', KEYS[2], 'hits', 1)
-else redis.call('HINCRBY', KEYS[2], 'misses', 1) end
-return value
-"""
+#: errors that mean "Redis refuses to write", not "Redis is down": reads go on. (A
+#: pipeline wraps the reply in "Command # 1 (...) of pipeline caused error: ...", so the
+#: classes are checked, and the texts for the refusals redis-py has no class for.)
+_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
+            redis.exceptions.NoPermissionError)
+_REFUSAL_WORDS = ("READONLY", "OOM command", "MISCONF", "NOREPLICAS", "read only replica")
+#: hit-counter increments in flight at once; past it a count is dropped (best-effort)
+MAX_COUNTS = 16
 # A flight lock is deleted only by its holder (the token), never after it expired and
 # another process took it.
 _RELEASE = """
@@ -146,7 +156,11 @@ class RedisTier:
         self.misses = 0
         self.errors = 0
         self._client = redis.Redis(connection_pool=self._pool(url, verify, max_connections))
-        self._get_counted = self._client.register_script(_GET_COUNTED)
+        self.bad_rows = BadRowLog(self.name)
+        #: writes Redis refused (read-only replica, OOM): counted, never a rest
+        self.refusals = 0
+        self._refusal_warned_at: float | None = None
+        self._counts = Group()  # best-effort counters and deletions, nobody waits for them
         self._release = self._client.register_script(_RELEASE)
         self._stats_key = f"{prefix}stats"
         # health: after a failure no call is made until _rest_until (monotonic seconds),
@@ -185,6 +199,7 @@ class RedisTier:
 
     def close(self) -> None:
         """Close every pooled connection. Idempotent."""
+        self._counts.kill(timeout=0.5)
         self._client.connection_pool.disconnect()
 
     # -- the service's path: greenlets, bounded, never an exception ----------------------
@@ -192,13 +207,44 @@ class RedisTier:
     def get(self, provider: str, day: datetime.date) -> RateTable | None:
         """The table of ``provider`` for ``day`` while kept, else None (a failure too)."""
         key = table_key(provider, day)
-        text = self._call("read", self._get_counted, [self._key(key), self._stats_key])
+        text = self._call("read", self._read_row, self._key(key))
         table = None if text is FAILED else self._parse(key, text)
         if table is None:
             self.misses += 1
         else:
             self.hits += 1
+        if text is not FAILED:
+            self._count("hits" if table is not None else "misses")
         return table
+
+    def _read_row(self, rkey):
+        """At most ``MAX_ROW_BYTES + 1`` bytes of the row (b"" if none), or a ``BadRow``
+        reason for a key of another type; one read-only command."""
+        try:
+            return self._client.getrange(rkey, 0, MAX_ROW_BYTES)
+        except redis.ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            return "not a string key"
+
+    def _count(self, field):
+        """Add one to the fleet's ``field`` counter, best-effort, beside the lookup."""
+        self._beside(self._client.hincrby, self._stats_key, field, 1)
+
+    def _beside(self, fn, *args):
+        """``fn(*args)`` best-effort in a greenlet of its own: the lookup never waits for
+        it (at most ``MAX_COUNTS`` at once; past that, or while Redis rests, skipped)."""
+        if len(self._counts) < MAX_COUNTS and self.enabled:
+            self._counts.spawn(self._best_effort, fn, *args)
+
+    def _best_effort(self, fn, *args):
+        """``fn(*args)`` within ``deadline_s``; any failure ignored (and not counted
+        against Redis's health): for counters and deleting bad rows."""
+        try:
+            with gevent.Timeout(self.deadline_s, False):
+                fn(*args)
+        except _REDIS_ERRORS:
+            pass
 
     def put(self, table: RateTable) -> bool:
         """Store ``table`` until ``ttl_s + stale_s`` after its fetch; True when written."""
@@ -238,19 +284,28 @@ class RedisTier:
         return f"{self.prefix}flight:{name}"
 
     def _parse(self, key, text):
-        if text is None:
-            return None
+        if text == b"":
+            return None  # GETRANGE of a missing key (an empty row is no table either)
         try:
-            table = RateTable.from_json(text.decode("utf-8"))
-            if table_key(table.provider, table.day) != key:
-                raise ValueError(f"holds the table of {table_key(table.provider, table.day)!r}")
+            table = self._decode(key, text)
         except ValueError as e:  # UnicodeDecodeError included
             self.errors += 1
-            log.warning("Redis row %r is not a rate table, deleted: %s", key, e)
-            self._call("delete", self._client.delete, self._key(key))
+            self.bad_rows.report(key, str(e))
+            self._beside(self._client.delete, self._key(key))
             return None
         if table.fetched_at + self.keep_s <= time.time():
             return None  # written by a process that keeps tables longer
+        return table
+
+    def _decode(self, key, text):
+        """The ``RateTable`` in a row read by ``_read_row``; ``ValueError`` otherwise."""
+        if isinstance(text, str):
+            raise ValueError(text)  # _read_row's reason
+        if len(text) > MAX_ROW_BYTES:
+            raise ValueError("larger than any rate table")
+        table = RateTable.from_json(text)
+        if table_key(table.provider, table.day) != key:
+            raise ValueError(f"holds the table of {table_key(table.provider, table.day)!r}")
         return table
 
     def _call(self, what, fn, *args, **kwargs):
@@ -268,6 +323,11 @@ class RedisTier:
             if e is not deadline:
                 raise
             return self._failed(what, f"no answer within {self.deadline_s:g} s", started)
+        except redis.ResponseError as e:
+            if isinstance(e, _REFUSED) or any(w in str(e) for w in _REFUSAL_WORDS):
+                # the server's own words, without the pipeline's echo of the command
+                return self._refused(what, self._redact(e).rpartition("caused error: ")[2])
+            return self._failed(what, self._redact(e), started)
         except _REDIS_ERRORS as e:
             return self._failed(what, self._redact(e), started)
         finally:
@@ -308,6 +368,16 @@ class RedisTier:
             self._unwarned += 1
         return FAILED
 
+    def _refused(self, what, reason):
+        """Redis answered but refused (a write on a replica, OOM): it is up, reads go on."""
+        self.refusals += 1
+        now = self.clock()
+        if self._refusal_warned_at is None or now - self._refusal_warned_at >= self.warn_every_s:
+            log.warning("Redis at %s refused a %s (%s): reading only (%d refusal(s) so far)",
+                        self.where, what, reason[:120], self.refusals)
+            self._refusal_warned_at = now
+        return FAILED
+
     def _succeeded(self):
         if self._rest_s:
             log.info("Redis at %s answers again (after %d failed calls)",
@@ -323,16 +393,12 @@ class RedisTier:
     def entries(self) -> list:
         """One dict per kept table: tier, provider, day, published, currencies (count),
         fetched_at (epoch seconds), expires_in_s (seconds until Redis drops it)."""
-        rows = []
-        for _key, table, pttl in self._inspect(self._scan_tables):
-            rows.append({"tier": self.name, "provider": table.provider,
-                         "day": table.day.isoformat(), "published": table.published.isoformat(),
-                         "currencies": len(table.rates), "fetched_at": table.fetched_at,
-                         "expires_in_s": None if pttl < 0 else pttl / 1000})
-        return rows
+        now = time.time()
+        return [table_entry(self.name, table, None if pttl < 0 else now + pttl / 1000, now)
+                for _key, table, pttl in self._inspect(self._scan_tables)]
 
-    def tables_for(self, day: datetime.date) -> list[RateTable]:
-        """Every kept table for ``day``, one per provider, sorted by provider."""
+    def tables_for(self, day: datetime.date) -> list[RateTable | BadRow]:
+        """Every kept table for ``day`` (or ``BadRow``), one per provider, by provider."""
         suffix = "/" + day.isoformat()
         found = self._inspect(self._scan_tables, suffix)
         return sorted((table for _, table, _ in found), key=lambda t: t.provider)
@@ -357,7 +423,8 @@ class RedisTier:
 
     def _table_keys(self):
         pattern = _glob_escape(self._key("")) + "*"
-        return sorted(k.decode() for k in self._client.scan_iter(match=pattern, count=500))
+        keys = self._client.scan_iter(match=pattern, count=500)
+        return sorted(k.decode() for k in keys if _is_utf8(k))  # others were not ours
 
     def _scan_tables(self, suffix=""):
         keys = [k for k in self._table_keys() if k.endswith(suffix)]
@@ -366,24 +433,26 @@ class RedisTier:
             batch = keys[start:start + 200]
             pipe = self._client.pipeline(transaction=False)
             for key in batch:
-                pipe.get(key)
+                pipe.getrange(key, 0, MAX_ROW_BYTES)
                 pipe.pttl(key)
-            answers = pipe.execute()
+            answers = pipe.execute(raise_on_error=False)
             for key, text, pttl in zip(batch, answers[::2], answers[1::2]):
                 table = self._inspectable(key[len(self._key("")):], text)
                 if table is not None:
-                    found.append((key, table, pttl))
+                    found.append((key, table, pttl if isinstance(pttl, int) else -1))
         return found
 
     def _inspectable(self, key, text):
+        """The table, a ``BadRow`` (shown as bad, left in place), or None (gone, old)."""
+        if isinstance(text, Exception):
+            text = "not a string key" if "WRONGTYPE" in str(text) else str(text)[:80]
+        if text == b"":
+            return None
         try:
-            table = None if text is None else RateTable.from_json(text.decode("utf-8"))
+            table = self._decode(key, text)
         except ValueError as e:
-            log.warning("Redis row %r is not a rate table, skipped: %s", key, e)
-            return None
-        if table is None or table.fetched_at + self.keep_s <= time.time():
-            return None
-        return table
+            return BadRow(self.name, key, str(e))
+        return None if table.fetched_at + self.keep_s <= time.time() else table
 
     def _stats(self):
         keys = self._table_keys()
@@ -393,9 +462,14 @@ class RedisTier:
             for key in keys[start:start + 200]:
                 pipe.memory_usage(key)
             size += sum(n or 0 for n in pipe.execute())
-        counts = self._client.hgetall(self._stats_key)
-        return {"tier": self.name, "where": self.where, "entries": len(keys), "bytes": size,
-                "hits": int(counts.get(b"hits", 0)), "misses": int(counts.get(b"misses", 0))}
+        try:
+            counts = self._client.hgetall(self._stats_key)
+        except redis.ResponseError:  # something else under our key: no counts to show
+            counts = {}
+        bad = sum(isinstance(t, BadRow) for _, t, _ in self._scan_tables())
+        return {"tier": self.name, "where": self.where, "entries": len(keys),
+                "bad_rows": bad, "bytes": size,
+                "hits": _count_of(counts, b"hits"), "misses": _count_of(counts, b"misses")}
 
     def _clear(self):
         keys = self._table_keys()
@@ -404,6 +478,22 @@ class RedisTier:
             removed += self._client.delete(*keys[start:start + 500])
         self._client.delete(self._stats_key)
         return removed
+
+
+def _count_of(counts, field):
+    """A counter from the stats hash, 0 if missing or not a number (anyone may write it)."""
+    try:
+        return max(int(counts.get(field, 0)), 0)
+    except ValueError:
+        return 0
+
+
+def _is_utf8(key):
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _glob_escape(text):

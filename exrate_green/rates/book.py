@@ -1,8 +1,12 @@
 """The rate book: tables by (provider, day), from memory, then the cache, then the providers.
 
 ``peek(day)`` never waits and never does I/O: the reader answers every request whose table
-is hot without leaving its loop. ``get(day)`` may wait, at most ``wait_s`` (the fetch
-budget ``EXRATE_HTTP_TIMEOUT`` plus ``WAIT_MARGIN_S``), whatever the cache and the API do.
+is hot without leaving its loop. ``get(day)`` waits at most ``wait_s`` (the fetch budget
+``EXRATE_HTTP_TIMEOUT`` plus ``WAIT_MARGIN_S``) for its table, counted from when the fetch
+that brings it starts: queueing behind other cold fetches is back-pressure, not failure
+(the service bounds how many requests wait, and the breaker ends a queue facing a dead
+API). A caller that holds a stale table does not queue: past ``wait_s`` from its call it
+gets the stale table.
 
 For each provider of the chain, in order: a fresh table in memory answers; else the first
 caller for that (provider, day) looks in the cache (bounded by ``CACHE_READ_BUDGET_S``)
@@ -214,7 +218,7 @@ class RateBook:
         if isinstance(found, RateTable):
             return found
         try:
-            tables = found.done.get(timeout=max(deadline - time.monotonic(), 0))
+            tables = found.done.get(timeout=self._job_wait_s(found, lookup, deadline))
         except gevent.Timeout:
             return self._stale_or_raise(lane, lookup, day, deadline,
                                         lane.late(found, time.monotonic() - started))
@@ -227,6 +231,16 @@ class RateBook:
             return self._stale_or_raise(lane, lookup, day, deadline, RateUnavailable(
                 f"{lane.name} answered without the rates of {day}"))
         return table
+
+    def _job_wait_s(self, job, lookup: _Lookup, deadline: float) -> float:
+        """How long (s) to wait for ``job``'s tables: until ``wait_s`` after the job's
+        fetch started, however long it queued; a caller with a stale table to fall back
+        on keeps its own ``deadline`` instead (it has an answer, the queue can wait)."""
+        if lookup.held is None:
+            job.started.wait()  # our turn (or the job's end): back-pressure, not failure
+        if lookup.held is None and job.started_at is not None:
+            deadline = max(deadline, job.started_at + self.wait_s)
+        return max(deadline - time.monotonic(), 0)
 
     def _look_up(self, lane: ProviderLane, day, held: RateTable | None) -> _Lookup:
         """Start the one lookup of ``day`` at ``lane``: read the cache in this greenlet

@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import DateOutOfRange, RateUnavailable
 from ..redact import redact
 from .breaker import ProviderRefused
-from .http import HttpClient, as_day, is_currency_code, parse_day, to_rate, utc_today
+from .checks import ImplausibleAnswer, check_publication, checked_rates, plausible_rate
+from .http import HttpClient, as_day, is_currency_code, parse_day, utc_today
 from .table import FIRST_DAY, RateTable
 
 #: Cross rates are computed in this context, not the thread's (which any code may change):
@@ -78,19 +79,20 @@ class ExchangerateHostProvider:
         day = as_day(day)
         if day < FIRST_DAY:
             raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
-        if day >= self._today():
+        live = day >= self._today()
+        if live:
             answer = self.http.get_json(f"{self.base_url}/live",
                                         {"access_key": self._access_key}, **http)
         else:
             answer = self.http.get_json(f"{self.base_url}/historical",
                                         {"access_key": self._access_key,
                                          "date": day.isoformat()}, **http)
-        return self._table(day, answer)
+        return self._table(day, answer, live)
 
     def close(self) -> None:
         self.http.close()
 
-    def _table(self, day, answer):
+    def _table(self, day, answer, live):
         if not isinstance(answer, dict):
             raise RateUnavailable("unexpected answer from exchangerate.host: not an object")
         if answer.get("success") is not True:
@@ -104,8 +106,28 @@ class ExchangerateHostProvider:
         if not is_currency_code(source) or not isinstance(quotes, dict):
             raise RateUnavailable(
                 "unexpected answer from exchangerate.host: no 'source' and 'quotes'")
-        return RateTable(provider=self.name, day=day, published=_published(answer, day),
-                         rates=cross_rates(source, quotes), fetched_at=time.time())
+        published = self._published(answer, day, live)
+        rates = checked_rates(cross_rates(source, quotes, day), self.name, day)
+        return RateTable(provider=self.name, day=day, published=published, rates=rates,
+                         fetched_at=time.time())
+
+    def _published(self, answer, day, live):
+        """The publication an answer shows: a historical one must carry ``date`` equal to
+        the day asked; a live one's ``timestamp`` (UTC day) must be today or at most a
+        week before. ``ImplausibleAnswer`` otherwise, naming both dates."""
+        if not live:
+            published = parse_day(answer.get("date"))
+            if published != day:
+                shown = published.isoformat() if published else repr(answer.get("date"))[:24]
+                raise ImplausibleAnswer(
+                    f"{self.name} answered a publication of {shown} for {day.isoformat()}")
+            return day
+        today = min(day, self._today())
+        published = _timestamp_day(answer.get("timestamp"))
+        if published is None:
+            return today  # live answers carry a timestamp; without one it is "now"
+        check_publication(self.name, published, today)
+        return published
 
     def _api_error(self, error):
         """``why`` from the API's error object, e.g. ``exchangerate.host error 101
@@ -121,20 +143,25 @@ class ExchangerateHostProvider:
         return redact(why, (self._access_key,))
 
 
-def cross_rates(source: str, quotes: dict) -> dict[str, Decimal]:
+def cross_rates(source: str, quotes: dict, day: datetime.date | None = None) -> dict[str, Decimal]:
     """Units of each currency per 1 EUR from ``quotes[source + X]`` = units of X per 1 source.
 
     X per EUR = ``quotes[source+X] / quotes[source+EUR]``; the source itself is
-    ``1 / quotes[source+EUR]``; EUR is exactly 1. Decimal throughout (28 digits). Quotes that
-    are not a three-letter code with a positive number are left out. Raises
-    ``RateUnavailable`` without a usable ``source + "EUR"`` quote.
+    ``1 / quotes[source+EUR]``; EUR is exactly 1. Decimal throughout (28 digits). Every
+    quote must be ``source`` + a three-letter code with a plausible number: any other
+    fails the whole answer (``ImplausibleAnswer``), as does a missing ``source + "EUR"``.
+    ``day`` (the day asked) only goes into the reason.
     """
+    asked = f" for {day.isoformat()}" if day else ""
     per_source = {}
     for pair, value in quotes.items():
-        rate = to_rate(value)
-        if (isinstance(pair, str) and len(pair) == 6 and pair.startswith(source)
+        rate = plausible_rate(value)
+        if not (isinstance(pair, str) and len(pair) == 6 and pair.startswith(source)
                 and is_currency_code(pair[3:]) and rate is not None):
-            per_source[pair[3:]] = rate
+            shown = repr(value) if isinstance(value, (int, float, str, Decimal)) else "?"
+            raise ImplausibleAnswer(f"exchangerate.host answered an implausible quote"
+                                    f"{asked}: {str(pair)[:12]!r}={shown[:24]}")
+        per_source[pair[3:]] = rate
     # A paid plan may quote from EUR itself, where EUR per EUR goes without saying.
     eur = per_source.get("EUR", Decimal(1) if source == "EUR" else None)
     if eur is None:
@@ -145,14 +172,11 @@ def cross_rates(source: str, quotes: dict) -> dict[str, Decimal]:
     return rates
 
 
-def _published(answer, day):
-    """The answer's ``date`` (historical) or ``timestamp``'s UTC day (live), never after
-    ``day``; ``day`` itself when the answer carries neither."""
-    published = parse_day(answer.get("date"))
-    timestamp = answer.get("timestamp")
-    if published is None and isinstance(timestamp, int) and not isinstance(timestamp, bool):
-        try:
-            published = datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
-        except (OverflowError, OSError, ValueError):
-            published = None
-    return min(published or day, day)
+def _timestamp_day(timestamp: object) -> datetime.date | None:
+    """The UTC day of an epoch-seconds ``timestamp``, or ``None`` if it is not one."""
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
+    except (OverflowError, OSError, ValueError):
+        return None

@@ -13,11 +13,11 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 from ..errors import DateOutOfRange, RateUnavailable
-from .http import HttpClient, as_day, is_currency_code, parse_day, to_rate, utc_today
+from .checks import MAX_LOOKBACK_DAYS, ImplausibleAnswer, check_publication, checked_rates
+from .http import HttpClient, as_day, parse_day, to_rate, utc_today
 from .table import FIRST_DAY, RateTable
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,19 @@ class FrankfurterProvider:
             return []
         answer = self.http.get_json(f"{self.base_url}/{start.isoformat()}..{last.isoformat()}",
                                     {"base": "EUR"}, **http)
-        published, rates = self._publications(answer, last)
+        published, rates = self._publications(answer, start, last)
         now, tables, orphan = time.time(), [], None
         for day in _days(max(first, FIRST_DAY), last):
             index = bisect.bisect_right(published, day) - 1
             if index >= 0:
+                check_publication(self.name, published[index], day)
                 tables.append(RateTable(provider=self.name, day=day, published=published[index],
                                         rates=rates[index], fetched_at=now))
                 continue
             # Before the range's first publication: the single-day endpoint says which
             # earlier one is valid; the days after it until that first publication share it.
             orphan = orphan or self.fetch(day, **http)
+            check_publication(self.name, orphan.published, day)  # never stretched a month
             tables.append(RateTable(provider=self.name, day=day, published=orphan.published,
                                     rates=orphan.rates, fetched_at=now))
         return tables
@@ -109,28 +111,36 @@ class FrankfurterProvider:
         self.http.close()
 
     def _table(self, day, answer, latest):
+        """The table of a single-day answer, checked against the day asked (today's for
+        ``/latest``); ``RateUnavailable`` (an ``ImplausibleAnswer``) if it does not fit."""
         self._check_shape(answer)
         published = parse_day(answer.get("date"))
         if published is None:
             raise RateUnavailable("unexpected answer from Frankfurter: no valid 'date'")
-        # /latest may be a day ahead of our clock around midnight; a dated query must not.
-        if published > day and not latest:
-            raise RateUnavailable(
-                f"Frankfurter answered with the rates of {published} for {day}")
-        return RateTable(provider=self.name, day=day, published=min(published, day),
-                         rates=euro_rates(answer["rates"], self.name), fetched_at=time.time())
+        check_publication(self.name, published, min(day, self._today()) if latest else day)
+        return RateTable(provider=self.name, day=day, published=published,
+                         rates=checked_rates(answer["rates"], self.name, day),
+                         fetched_at=time.time())
 
-    def _publications(self, answer, last):
-        """(sorted publication days, their rates) from a range answer, up to ``last``."""
+    def _publications(self, answer, start, last):
+        """(sorted publication days, their rates) from a range answer for ``start..last``.
+
+        Every entry must be a publication inside the range asked, or the lookback one
+        before it (Frankfurter starts a range at the publication valid on its first day);
+        any other entry fails the whole answer."""
         self._check_shape(answer)
+        asked = f"{start.isoformat()}..{last.isoformat()}"
+        earliest = start - datetime.timedelta(days=MAX_LOOKBACK_DAYS)
         by_day = {}
         for text, raw in answer["rates"].items():
             day = parse_day(text)
             if day is None or not isinstance(raw, dict):
-                log.warning("%s: skipped the malformed range entry %.20r", self.name, text)
-                continue
-            if day <= last:
-                by_day[day] = euro_rates(raw, self.name)
+                raise ImplausibleAnswer(f"{self.name} answered a malformed range entry "
+                                        f"{str(text)[:20]!r} for {asked}")
+            if not earliest <= day <= last:
+                raise ImplausibleAnswer(
+                    f"{self.name} answered a publication of {day.isoformat()} for {asked}")
+            by_day[day] = checked_rates(raw, self.name, day)
         days = sorted(by_day)
         return days, [by_day[day] for day in days]
 
@@ -152,22 +162,3 @@ def _month_end(first):
 def _days(first, last):
     for n in range((last - first).days + 1):
         yield first + datetime.timedelta(days=n)
-
-
-def euro_rates(raw: dict, source: str) -> dict[str, Decimal]:
-    """``{code: Decimal}`` from a JSON ``rates`` object, plus ``"EUR": 1``.
-
-    An entry that is not a three-letter code with a positive number is left out with a
-    warning: one bad rate should not cost every other currency its conversion.
-    """
-    rates = {}
-    for code, value in raw.items():
-        rate = to_rate(value)
-        if is_currency_code(code) and rate is not None:
-            rates[code] = rate
-        else:
-            log.warning("%s: skipped the malformed rate %.20r: %.40r", source, code, value)
-    if not rates:
-        raise RateUnavailable(f"{source} answered with no rates")
-    rates["EUR"] = Decimal(1)
-    return rates

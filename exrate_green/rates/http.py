@@ -54,6 +54,8 @@ READ_SLACK_S = 0.5
 MAX_BODY_BYTES = 1 << 20
 #: longest excerpt of an API's own error text kept in a ``why``
 MAX_DETAIL_CHARS = 160
+#: redirects followed per attempt, each on the configured origin only
+MAX_REDIRECTS = 3
 
 
 class HttpError(RateUnavailable):
@@ -153,16 +155,50 @@ class HttpClient:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _attempt(self, url, params, where, deadline):
+        """One attempt: GET, following redirects only within ``url``'s own origin."""
+        origin = _origin(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            status, body, retry_after_s, location = self._send(url, params, where, deadline)
+            if location is None:
+                break
+            url, params = self._redirect_target(url, location, origin, where), None
+        else:
+            raise RateUnavailable(f"{where} redirected more than {MAX_REDIRECTS} times")
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status} from {where}", retry_after_s)
+        if not 200 <= status < 300:
+            raise HttpError(f"HTTP {status} from {where}{self._detail(body)}", status)
+        return self._decode(body, where)
+
+    def _redirect_target(self, url, location, origin, where):
+        """The absolute URL a redirect points to, if it stays on ``origin`` (scheme, host
+        and port of the configured URL); else ``RateUnavailable``: a redirect elsewhere or
+        to plain http would carry the access key (in the query) where it must not go."""
+        target = urllib.parse.urljoin(url, location)
+        if _origin(target) == origin:
+            return target
+        scheme = urllib.parse.urlsplit(target).scheme
+        if origin[0] == "https" and scheme == "http":
+            why = "plain http, a downgrade from https"
+        else:
+            why = f"another origin ({self._where(target)})"
+        raise RateUnavailable(f"{where} redirected to {why}: not followed")
+
+    def _send(self, url, params, where, deadline):
+        """(status, body, Retry-After s, redirect Location or None) of one request."""
         left = max(deadline - time.monotonic(), 0.001)
         try:
+            # requests would follow a redirect anywhere, query string (the key) and all:
+            # redirects are ours to judge (``_redirect_target``).
             with self.session.get(url, params=params, stream=True, verify=self.verify,
+                                  allow_redirects=False,
                                   timeout=(min(self.connect_timeout_s, left),
                                            left + READ_SLACK_S)) as response:
                 # Read even error bodies: a fully read response returns its connection
                 # to the pool, and the body may say what went wrong.
                 body = _read_body(response, where)
-                status = response.status_code
-                retry_after_s = _retry_after_s(response)
+                location = response.headers.get("Location") if response.is_redirect else None
+                return response.status_code, body, _retry_after_s(response), location
         except requests.exceptions.SSLError as e:
             raise RateUnavailable(f"TLS error with {where}: {self._reason(e)}") from e
         except requests.exceptions.ConnectTimeout as e:
@@ -178,11 +214,6 @@ class HttpClient:
             # urllib3 errors requests does not wrap (a pool error, a protocol error while
             # streaming), socket errors, a malformed URL: translated here, never a class name.
             raise RateUnavailable(f"request to {where} failed: {self._reason(e)}") from e
-        if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status} from {where}", retry_after_s)
-        if not 200 <= status < 300:
-            raise HttpError(f"HTTP {status} from {where}{self._detail(body)}", status)
-        return self._decode(body, where)
 
     def _decode(self, body, where):
         try:
@@ -234,8 +265,21 @@ def _make_session(pool_size):
         pool_connections=4, pool_maxsize=pool_size, pool_block=False, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
-    session.max_redirects = 3
+    # Every call passes allow_redirects=False (HttpClient._send judges redirects); 0 here
+    # would make requests raise TooManyRedirects while merely preparing ``response.next``.
+    session.max_redirects = MAX_REDIRECTS
     return session
+
+
+def _origin(url):
+    """(scheme, host, port) of ``url``, the port made explicit: what a secret is bound to."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    default = {"https": 443, "http": 80}.get(parts.scheme, -1)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port or default
 
 
 def _read_body(response, where):

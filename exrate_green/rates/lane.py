@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.queue
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.pool import Group
 
 from ..errors import DateOutOfRange, RateError, RateUnavailable
@@ -62,13 +62,15 @@ READ_BUDGET_S = 1.0
 class Job:
     """The tables of ``key`` (a day ``"2021-05-18"`` or a month ``"2021-05"``) from one
     provider. ``done`` gets ``{day: RateTable}`` or a ``RateError``; ``seq`` is its place in
-    the queue; ``started_at`` (monotonic s) is set when a fetcher takes it."""
+    the queue; ``started_at`` (monotonic s) is set, and ``started`` fires, when a fetcher
+    takes it: a waiter's fetch budget counts from then, not from when it queued."""
 
     def __init__(self, key: str, seq: int):
         self.key = key
         self.seq = seq
         self.days: set = set()
         self.started_at: float | None = None
+        self.started = Event()
         self.done = AsyncResult()
 
 
@@ -145,6 +147,10 @@ class ProviderLane:
     def close(self, timeout: float = 1.0) -> None:
         """Stop fetching; writes in progress get ``timeout`` seconds to land."""
         self._fetchers.kill(timeout=timeout)
+        for job in list(self.jobs.values()):  # queued, never to start: nobody waits for ever
+            if not job.done.ready():
+                self._settle(job, exception=RateUnavailable(
+                    f"{self.name}: the fetch was stopped (shutting down)"))
         self._writers.join(timeout=timeout)
         self._writers.kill(timeout=timeout)
 
@@ -170,6 +176,7 @@ class ProviderLane:
 
     def _run(self, job: Job) -> None:
         job.started_at = time.monotonic()
+        job.started.set()
         try:
             self.breaker.acquire()
         except ProviderDown as e:
@@ -224,6 +231,7 @@ class ProviderLane:
     def _settle(self, job: Job, value=None, exception: RateError | None = None) -> None:
         if self.jobs.get(job.key) is job:
             del self.jobs[job.key]  # a request from now on starts a new job
+        job.started.set()  # no longer queued, whatever happened: nobody waits for a turn
         if exception is not None:
             job.done.set_exception(exception)
         else:

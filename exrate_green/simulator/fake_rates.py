@@ -8,7 +8,9 @@ Frankfurter lives under ``/v1`` (``/v1/YYYY-MM-DD``, ``/v1/latest``, the range
         settings = Settings(frankfurter_url=api.url + "/v1", exchangerate_host_url=api.url)
         api.fail_next(1, "500")          # the next request fails, the one after is served
 
-Days after the bundle get the bundle's last publication, so "recent" days work offline.
+Days after the bundle get the bundle's last rates, re-published every weekday (dated the
+latest weekday on or before the day asked, as a live API would date them), so "recent"
+days work offline and pass the service's publication checks.
 exchangerate.host also quotes a few currencies the ECB does not (``EXTRA_RATES``), like the
 real one; Frankfurter, like the real one, does not. A wrong access key is answered the way
 careless real APIs do: the error text repeats the request URL, key included.
@@ -225,8 +227,8 @@ class FakeRateApi:
             return _json(start_response, "422 Unprocessable Entity",
                          {"message": "the fake serves base=EUR only"})
         rates = {}
-        for day in self._bundle.publications(max(start, FIRST_DAY), end):
-            table = dict(self._bundle.table(day).rates)
+        for day in self._publications(max(start, FIRST_DAY), end):
+            table = self._rates(day)[1]
             table.pop("EUR")
             rates[day.isoformat()] = dict(sorted(table.items()))
         days = list(rates) or [start.isoformat(), end.isoformat()]
@@ -262,9 +264,23 @@ class FakeRateApi:
 
     def _rates(self, day):
         """(publication day, {code: units per EUR}) valid on ``day``; after the bundle's
-        end, the bundle's last publication."""
-        table = self._bundle.table(min(day, self._bundle.last_day))
-        return table.published, dict(table.rates)
+        end, the bundle's last rates dated the latest weekday on or before ``day``."""
+        last = self._bundle.last_day
+        table = self._bundle.table(min(day, last))
+        if day <= last:
+            return table.published, dict(table.rates)
+        published = max(_weekday_on_or_before(day), last)
+        return published, dict(table.rates)
+
+    def _publications(self, first, last):
+        """The publication days from ``first`` to ``last``: the bundle's, then weekdays."""
+        days = self._bundle.publications(first, last)
+        day = max(first, self._bundle.last_day + datetime.timedelta(days=1))
+        while day <= last:
+            if day.weekday() < 5:
+                days.append(day)
+            day += datetime.timedelta(days=1)
+        return days
 
     # --- one handler per failure mode --------------------------------------------------
 
@@ -302,6 +318,10 @@ def _day(text):
         return datetime.date.fromisoformat(text) if len(text) == 10 else None
     except ValueError:
         return None
+
+
+def _weekday_on_or_before(day):
+    return day - datetime.timedelta(days=max(day.weekday() - 4, 0))
 
 
 def _end_of_day(day):
