@@ -299,7 +299,7 @@ def test_a_redis_that_stays_down_is_warned_about_once_a_minute_with_a_count(
         now[0] += 31.0  # a minute after the first warning
         assert tier.get("frankfurter", DAY) is None
         second = warnings_about_redis(warnings_log)[1].getMessage()
-        assert f"({failures - 1} more failures since the last warning)" in second
+        assert f"({failures - 1} more since the last line)" in second
         assert "retrying in 10 s" in second  # the rest grew to its cap
     finally:
         tier.close()

@@ -40,7 +40,9 @@ from gevent.pool import Group
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..backoff import Backoff
 from ..errors import CacheError, ConfigError
+from ..ratelimit import RateLimitedLog
 from ..rates.table import MAX_ROW_BYTES, RateTable
 from ..redact import MASK, redact
 from .disk import table_entry, table_key
@@ -159,19 +161,20 @@ class RedisTier:
         self.bad_rows = BadRowLog(self.name)
         #: writes Redis refused (read-only replica, OOM): counted, never a rest
         self.refusals = 0
-        self._refusal_warned_at: float | None = None
+        self._refusal_log = RateLimitedLog(log, self.warn_every_s, clock=self.clock)
         self._counts = Group()  # best-effort counters and deletions, nobody waits for them
         self._release = self._client.register_script(_RELEASE)
         self._stats_key = f"{prefix}stats"
         # health: after a failure no call is made until _rest_until (monotonic seconds),
         # then one caller probes (_probing) while the others skip Redis
+        self._rest = Backoff(1.0, self.max_rest_s, jitter=0.0)  # 1 s doubling to the cap
+        self._rests = 0  # rests in a row (one per outage step, see _failed)
         self._rest_s = 0.0
         self._rest_began = 0.0
         self._rest_until = 0.0
         self._probing = False
         self._failures = 0
-        self._warned_at: float | None = None
-        self._unwarned = 0
+        self._failure_log = RateLimitedLog(log, self.warn_every_s, clock=self.clock)
 
     @property
     def enabled(self) -> bool:
@@ -356,26 +359,19 @@ class RedisTier:
         # Calls already under way when a rest began fail with it: one outage, one step
         # of the backoff (20 lookups hitting a dead Redis at once must not mean 10 s).
         if started >= self._rest_began:
-            self._rest_s = min(self.max_rest_s, max(1.0, 2 * self._rest_s))
+            self._rests += 1
+            self._rest_s = self._rest.delay_s(self._rests)
             self._rest_began, self._rest_until = now, now + self._rest_s
-        if self._warned_at is None or now - self._warned_at >= self.warn_every_s:
-            more = f" ({self._unwarned} more failures since the last warning)" \
-                if self._unwarned else ""
-            log.warning("Redis at %s failed (%s: %s), carrying on with memory and disk, "
-                        "retrying in %g s%s", self.where, what, reason, self._rest_s, more)
-            self._warned_at, self._unwarned = now, 0
-        else:
-            self._unwarned += 1
+        self._failure_log.warning(
+            "Redis at %s failed (%s: %s), carrying on with memory and disk, retrying in %g s",
+            self.where, what, reason, self._rest_s)
         return FAILED
 
     def _refused(self, what, reason):
         """Redis answered but refused (a write on a replica, OOM): it is up, reads go on."""
         self.refusals += 1
-        now = self.clock()
-        if self._refusal_warned_at is None or now - self._refusal_warned_at >= self.warn_every_s:
-            log.warning("Redis at %s refused a %s (%s): reading only (%d refusal(s) so far)",
-                        self.where, what, reason[:120], self.refusals)
-            self._refusal_warned_at = now
+        self._refusal_log.warning("Redis at %s refused a %s (%s): reading only (%d refusal(s) "
+                                  "so far)", self.where, what, reason[:120], self.refusals)
         return FAILED
 
     def _succeeded(self):
@@ -383,6 +379,7 @@ class RedisTier:
             log.info("Redis at %s answers again (after %d failed calls)",
                      self.where, self._failures)
         self._rest_s = 0.0
+        self._rests = 0
         self._failures = 0
 
     def _redact(self, e):

@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..ratelimit import RateLimitedLog
+
 log = logging.getLogger("exrate_green.cache")
 
 #: at most one "bad row" warning per tier this often (s)
@@ -40,20 +42,11 @@ class BadRowLog:
     def __init__(self, tier: str, every_s: float = WARN_EVERY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.tier = tier
-        self.every_s = every_s
-        self.clock = clock
         self.count = 0
-        self._warned_at: float | None = None
-        self._unwarned = 0
+        self._log = RateLimitedLog(log, every_s, clock=clock)
 
     def report(self, key: str, why: str) -> None:
         self.count += 1
-        now = self.clock()
-        if self._warned_at is not None and now - self._warned_at < self.every_s:
-            self._unwarned += 1
-            return
-        more = f"; {self._unwarned} more since the last warning" if self._unwarned else ""
-        log.warning("%s cache row %r is not a rate table (%s): treated as a miss and "
-                    "deleted (%d bad row(s) so far%s)", self.tier, key[:80], why[:120],
-                    self.count, more)
-        self._warned_at, self._unwarned = now, 0
+        self._log.warning("%s cache row %r is not a rate table (%s): treated as a miss and "
+                          "deleted (%d bad row(s) so far)", self.tier, key[:80], why[:120],
+                          self.count)

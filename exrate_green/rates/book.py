@@ -36,7 +36,7 @@ from gevent.event import AsyncResult
 from ..errors import DateOutOfRange, RateError, RateUnavailable
 from .breaker import CircuitBreaker
 from .lane import ProviderLane, RateCache
-from .table import FIRST_DAY, RateTable
+from .table import RateTable, check_not_before_first_day
 
 if TYPE_CHECKING:
     from .providers import Provider
@@ -170,8 +170,7 @@ class RateBook:
         table = self.peek(day, currency)
         if table is not None:
             return table
-        if day < FIRST_DAY:  # no provider has anything: say so, whatever their breakers
-            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+        check_not_before_first_day(day)
         deadline = time.monotonic() + self.wait_s
         found, failure = None, None
         for lane in self.lanes.values():

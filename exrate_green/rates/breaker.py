@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
+from ..backoff import Backoff
 from ..errors import RateUnavailable
 
 log = logging.getLogger("exrate_green.rates")
@@ -61,13 +62,14 @@ class CircuitBreaker:
         self.name = name
         self.clock = clock
         self.threshold = threshold
-        self.first_cool_down_s = first_cool_down_s
-        self.max_cool_down_s = max_cool_down_s
+        #: the cool-down after the n-th opening in a row: 30 s doubling to 5 min, no jitter
+        #: (one process; the fleet is spread by its own timings)
+        self.cool_down = Backoff(first_cool_down_s, max_cool_down_s, jitter=0.0)
+        self._openings = 1  # openings in a row (failed probes + 1), for the cool-down
         self.state = CLOSED
         self.failures = 0
         self.opened = 0
         self.why = ""  # what opened it, in a few words ("" after a run of failures)
-        self._cool_down_s = first_cool_down_s
         self._open_until = 0.0
 
     # -- asking ---------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class CircuitBreaker:
         if self.state != CLOSED:
             log.warning("%s answered again: circuit closed", self.name)
         self.state, self.failures, self.why = CLOSED, 0, ""
-        self._cool_down_s = self.first_cool_down_s
+        self._openings = 1
 
     def no_verdict(self) -> None:
         """The call permitted by ``acquire`` was not made: a probe slot is handed back."""
@@ -129,14 +131,14 @@ class CircuitBreaker:
             self._open(error.hold_s, error.short)
             return
         if self.state == PROBING:
-            self._cool_down_s = min(self._cool_down_s * 2, self.max_cool_down_s)
-            self._open(self._cool_down_s, "")
+            self._openings += 1
+            self._open(self.cool_down.delay_s(self._openings), "")
             return
         if self.state == OPEN:
             return  # a call started before it opened: the cool-down already runs
         self.failures += 1
         if self.failures >= self.threshold:
-            self._open(self._cool_down_s, "")
+            self._open(self.cool_down.delay_s(self._openings), "")
 
     def _open(self, duration_s: float, why: str) -> None:
         self.state, self.why = OPEN, why

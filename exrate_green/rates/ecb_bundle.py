@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from gevent import monkey
 
 from ..errors import DateOutOfRange, RateUnavailable
-from .table import FIRST_DAY, RateTable
+from .table import RateTable, check_not_before_first_day
 
 
 def _bundle_path():
@@ -81,8 +81,7 @@ class EcbBundle:
         (a later day may have a publication the bundle does not know yet).
         """
         self.load()
-        if day < FIRST_DAY:
-            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+        check_not_before_first_day(day)
         if day > self._days[-1]:
             raise DateOutOfRange(
                 f"the bundled ECB history ends on {self._days[-1].isoformat()}")

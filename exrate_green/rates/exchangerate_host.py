@@ -15,12 +15,12 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
-from ..errors import DateOutOfRange, RateUnavailable
+from ..errors import RateUnavailable
 from ..redact import redact
 from .breaker import ProviderRefused
 from .checks import ImplausibleAnswer, check_publication, checked_rates, plausible_rate
 from .http import HttpClient, as_day, is_currency_code, parse_day, utc_today
-from .table import FIRST_DAY, RateTable
+from .table import RateTable, check_not_before_first_day
 
 #: Cross rates are computed in this context, not the thread's (which any code may change):
 #: 28 significant digits, far beyond the 5 decimals a reply keeps.
@@ -77,8 +77,7 @@ class ExchangerateHostProvider:
         of the API or its answer, with the access key masked.
         """
         day = as_day(day)
-        if day < FIRST_DAY:
-            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+        check_not_before_first_day(day)
         live = day >= self._today()
         if live:
             answer = self.http.get_json(f"{self.base_url}/live",

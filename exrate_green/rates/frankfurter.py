@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import DateOutOfRange, RateUnavailable
+from ..errors import RateUnavailable
 from .checks import MAX_LOOKBACK_DAYS, ImplausibleAnswer, check_publication, checked_rates
 from .http import HttpClient, as_day, parse_day, to_rate, utc_today
-from .table import FIRST_DAY, RateTable
+from .table import FIRST_DAY, RateTable, check_not_before_first_day
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class FrankfurterProvider:
         earlier) and ``RateUnavailable`` for any failure of the API or its answer.
         """
         day = as_day(day)
-        if day < FIRST_DAY:
-            raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+        check_not_before_first_day(day)
         latest = day >= self._today()
         path = "latest" if latest else day.isoformat()
         answer = self.http.get_json(f"{self.base_url}/{path}", {"base": "EUR"}, **http)

@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import math
-import random
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ import requests.adapters
 import urllib3.exceptions
 
 from .. import __version__
+from ..backoff import Backoff
 from ..errors import RateUnavailable
 from ..protocol import is_currency_code  # noqa: F401  the one validator, for the providers
 from ..redact import redact
@@ -45,6 +45,7 @@ MAX_ATTEMPTS = 4
 #: first pause between attempts, doubled each time (0.25, 0.5, 1.0 s) and jittered by up
 #: to -50 % so that clients failing together do not retry in lockstep
 BACKOFF_S = 0.25
+RETRY_BACKOFF = Backoff(BACKOFF_S, cap_s=4.0)  # the overall budget bounds it well before
 #: a retry is started only if at least this much of the budget is left after its pause
 MIN_ATTEMPT_S = 0.1
 #: the socket's own read timeout is the budget left plus this, so that ``gevent.Timeout``
@@ -305,7 +306,7 @@ def _retry_after_s(response):
 def _pause_before_retry(failure, attempt):
     if failure.retry_after_s is not None:
         return failure.retry_after_s
-    return BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+    return RETRY_BACKOFF.delay_s(attempt)
 
 
 def _innermost_reason(error):

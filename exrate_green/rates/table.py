@@ -11,12 +11,20 @@ from typing import Any, Self
 
 import orjson
 
-from ..errors import RateUnavailable, UnsupportedCurrency
+from ..errors import DateOutOfRange, RateUnavailable, UnsupportedCurrency
 from ..protocol import is_currency_code
 from .checks import MAX_CURRENCIES, check_publication, plausible_rate
 
 #: The first ECB publication; no provider has a rate before it.
 FIRST_DAY = datetime.date(1999, 1, 4)
+
+
+def check_not_before_first_day(day: datetime.date) -> None:
+    """Raise ``DateOutOfRange`` for a day before any publication (the one place this is
+    decided: the book asks before any provider is bothered; providers used alone ask too)."""
+    if day < FIRST_DAY:
+        raise DateOutOfRange(f"no exchange rate before {FIRST_DAY.isoformat()}")
+
 #: A cache row larger than this is refused unread: a real table is 0.5 KB (ECB) to about
 #: 6 KB (exchangerate.host, ~170 currencies), so this is ten times the largest.
 MAX_ROW_BYTES = 64 * 1024
