@@ -150,7 +150,7 @@ class Settings:
             raise ConfigError(f"{name('metrics_host')} must be an IP address or a host name "
                               f"(127.0.0.1 keeps the port local), got {self.metrics_host!r}")
         if self.redis_url is not None:
-            _check_redis_url(name("redis_url"), self.redis_url)
+            check_redis_url(name("redis_url"), self.redis_url)
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"{name('ca_file')}: CA file {self.ca_file!r} does not exist")
 
@@ -268,10 +268,10 @@ def _masked_url(url: str) -> str:
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
-def _check_redis_url(variable: str, url: str) -> None:
+def check_redis_url(variable: str, url: str) -> None:
     """A ``redis://host``, ``rediss://host`` or ``unix:///path`` URL, else ``ConfigError``
-    (one line, password masked). The Redis tier checks the same when it opens; checking
-    here refuses it at start, in every command, before anything connects."""
+    (one line, password masked). Checked at start, in every command, before anything
+    connects; the Redis tier asks the same function when it opens."""
     shown = _masked_url(url)
     try:
         parts = urllib.parse.urlsplit(url)

@@ -31,9 +31,25 @@ _CACHE_ACTION_OPTIONS = {"--tier": "clear", "--yes": "clear"}
 
 def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
     """One line saying what is wrong with ``argv`` for the usage in ``doc``."""
+    positionals, given, problem = _scan(doc, argv)
+    return (problem or _positional_problem(positionals, _commands(doc))
+            or _refused(positionals, given) or _docopt_problem(docopt_message))
+
+
+def refused_option(doc: str, argv: list[str]) -> str | None:
+    """One line naming an option ``argv`` gives to a command that does not use it, else
+    None. docopt's ``[options]`` lets every command take every option; this is stricter."""
+    positionals, given, _ = _scan(doc, argv)
+    return _refused(positionals, given)
+
+
+def _scan(doc: str, argv: list[str]) -> tuple[list[str], list[str], str]:
+    """(positional words, options given by their full names, the first problem or "")
+    of ``argv`` read against the options ``doc`` declares."""
     flags, valued = _options(doc)
     positionals: list[str] = []
     given: list[str] = []
+    problem = ""
     args = iter(argv)
     for arg in args:
         if arg == "--":
@@ -43,37 +59,14 @@ def usage_problem(doc: str, argv: list[str], docopt_message: str = "") -> str:
             name = arg.split("=", 1)[0]
             known = _expand(name, flags | valued)
             if known is None:
-                return f"unknown option {name!r}"
+                problem = problem or f"unknown option {name!r}"
+                continue
             given.append(known)
-            if known in valued and "=" not in arg:
-                if next(args, None) is None:
-                    return f"{known} needs a value"
+            if known in valued and "=" not in arg and next(args, None) is None:
+                problem = problem or f"{known} needs a value"
             continue
         positionals.append(arg)
-    return (_positional_problem(positionals, _commands(doc))
-            or _refused(positionals, given) or _docopt_problem(docopt_message))
-
-
-def refused_option(doc: str, argv: list[str]) -> str | None:
-    """One line naming an option ``argv`` gives to a command that does not use it, else
-    None. docopt's ``[options]`` lets every command take every option; this is stricter."""
-    flags, valued = _options(doc)
-    positionals: list[str] = []
-    given: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--":
-            positionals.extend(args)
-            break
-        if arg.startswith("-") and arg != "-":
-            known = _expand(arg.split("=", 1)[0], flags | valued)
-            if known is not None:
-                given.append(known)
-                if known in valued and "=" not in arg:
-                    next(args, None)
-            continue
-        positionals.append(arg)
-    return _refused(positionals, given)
+    return positionals, given, problem
 
 
 def _refused(positionals: list[str], given: list[str]) -> str | None:

@@ -40,6 +40,7 @@ from gevent.pool import Group
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .. import config
 from ..backoff import Backoff
 from ..errors import CacheError, ConfigError
 from ..ratelimit import RateLimitedLog
@@ -50,7 +51,6 @@ from .rows import BadRow, BadRowLog
 
 log = logging.getLogger("exrate_green.cache")
 
-SCHEMES = ("redis", "rediss", "unix")
 #: what a Redis call may raise that means "Redis failed", not "a bug"
 _REDIS_ERRORS = (redis.RedisError, OSError, ValueError)
 
@@ -98,19 +98,7 @@ def redacted_url(url: str) -> str:
 def check_redis_url(url: str) -> None:
     """``ConfigError`` (one line naming REDIS_URL, password masked) unless ``url`` is a
     usable ``redis://host[:port][/db]``, ``rediss://...`` or ``unix:///path`` URL."""
-    shown = redacted_url(url)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a port out of range)
-    except ValueError:
-        raise ConfigError(f"REDIS_URL {shown!r} is not a valid URL") from None
-    if parts.scheme not in SCHEMES:
-        raise ConfigError(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, "
-                          f"got {shown!r}")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"REDIS_URL {shown!r} names no host")
-    if parts.scheme == "unix" and not parts.path:
-        raise ConfigError(f"REDIS_URL {shown!r} names no socket path")
+    config.check_redis_url("REDIS_URL", url)
 
 
 class _Failed:
