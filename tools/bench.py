@@ -396,18 +396,28 @@ COMPARE_LEVELS = (5000, 10000, 20000, 40000)
 
 def run_compare(baseline_dir, out_path, *, levels=COMPARE_LEVELS, level_s=5.0, rounds=2,
                 pin_cpus=False, out=print):
-    """Both services warm, each level run on one then the other (the order alternating
-    round by round) against this tree's simulator; prints the medians side by side."""
-    sides = {"baseline": Path(baseline_dir).resolve() / "bin" / "exrate-service",
-             "current": BIN}
-    if not sides["baseline"].is_file():
-        out(f"tools/bench.py: no bin/exrate-service under {baseline_dir} "
-            f"(export a commit there: git archive COMMIT | tar -x -C DIR)")
-        return 2
+    """Every service warm, each level run on each in turn (the order rotating round by
+    round) against this tree's simulator; prints the medians side by side.
+    ``baseline_dir``: one source tree, or several separated by commas (each side is then
+    named by its directory's name)."""
+    dirs = [d for d in str(baseline_dir).split(",") if d]
+    if len(dirs) == 1:
+        sides = {"baseline": Path(dirs[0]).resolve() / "bin" / "exrate-service"}
+    else:
+        sides = {Path(d).resolve().name: Path(d).resolve() / "bin" / "exrate-service"
+                 for d in dirs}
+    sides["current"] = BIN
+    for binary in sides.values():
+        if not binary.is_file():
+            out(f"tools/bench.py: no bin/exrate-service under {binary.parent.parent} "
+                f"(export a commit there: git archive COMMIT | tar -x -C DIR)")
+            return 2
     plan = dataclasses.replace(FULL, level_s=level_s, warm_levels=tuple(levels))
     workdir = Path(tempfile.mkdtemp(prefix="exrate-bench-compare-"))
     bench = Bench(plan, workdir, out, pin_cpus)
-    results = {"machine": machine(pin_cpus), "baseline": str(sides["baseline"].parent.parent),
+    results = {"machine": machine(pin_cpus),
+               "baseline": ",".join(str(Path(d).resolve()) for d in dirs),
+               "sides": list(sides),
                "command": f"python tools/bench.py --baseline={baseline_dir} "
                           f"--levels={','.join(f'{x:g}' for x in levels)} "
                           f"--level-seconds={level_s:g} --rounds={rounds}",
@@ -421,7 +431,10 @@ def run_compare(baseline_dir, out_path, *, levels=COMPARE_LEVELS, level_s=5.0, r
         for rate in levels:
             rows = {side: [] for side in sides}
             for round_number in range(rounds):
-                order = list(sides) if round_number % 2 == 0 else list(sides)[::-1]
+                names = list(sides)
+                shift = round_number % len(names)
+                order = names[shift:] + names[:shift] if len(names) > 2 else \
+                    (names if round_number % 2 == 0 else names[::-1])
                 for side in order:
                     row = bench.measure(f"{side} {rate:g}", rate, bench.simulator(
                         f"{side}-{rate:g}-{round_number}", ports[side], rate, level_s),

@@ -103,14 +103,16 @@ def cpu_us_per_reply(row):
 
 
 def format_comparison(results, markdown=False):
-    """Baseline and current side by side, one line per level."""
-    names = ["level"] + [f"{side} {column}" for column, _, _ in _SIDE_FIGURES
-                         for side in ("base", "cur")]
+    """The baseline(s) and current side by side, one line per level."""
+    sides = results.get("sides", ["baseline", "current"])
+    short = {"baseline": "base", "current": "cur"}
+    names = ["level"] + [f"{short.get(side, side)} {column}" for column, _, _ in _SIDE_FIGURES
+                         for side in sides]
     cells = []
     for level in results["summary"]:
         line = [f"{level['rate']:g}"]
         for _, key, fmt in _SIDE_FIGURES:
-            for side in ("baseline", "current"):
+            for side in sides:
                 line.append(_cell(level[side], key, fmt))
         cells.append(line)
     m = results["machine"]
