@@ -71,6 +71,21 @@ class Peer:
         self.close()
 
 
+def wait_for_back_pressure(peer, timeout_s):
+    """Wait until the peer's requests stop going out (its sends block: the service no
+    longer reads, its buffers and outbox are full); True if they did within timeout_s.
+    Stopped means no request sent for 0.5 s while the peer's rate asks for one every 10 ms."""
+    deadline = time.monotonic() + timeout_s
+    sent = peer.report()["sent"]
+    while time.monotonic() < deadline:
+        gevent.sleep(0.5)
+        now = peer.report()["sent"]
+        if now == sent:
+            return True
+        sent = now
+    return False
+
+
 def all_answered(report):
     return report["unanswered"] == 0 and report["answered"] > 0
 
@@ -211,7 +226,10 @@ def test_sigterm_against_a_peer_that_stopped_reading_exits_within_the_grace(tmp_
             peer.ask("rate 600")
             gevent.sleep(1.0)
             peer.ask("stop_reading")
-            gevent.sleep(2.0)  # our socket buffers and outbox fill
+            # Our socket buffers and outbox fill until the service stops reading: then the
+            # peer's own sends block and its count of requests sent stands still. Waited
+            # for (up to 20 s), not assumed after a fixed 2 s a busy machine may not keep.
+            assert wait_for_back_pressure(peer, 20), peer.report()
             service.proc.send_signal(signal.SIGTERM)
             code, exit_s = service.wait(grace_s + 10)
             report = peer.report()
