@@ -115,4 +115,4 @@ def test_a_second_signal_exits_at_once(tmp_path):
         finally:
             service.kill()
     assert code == 128 + signal.SIGINT, service.output[-3000:]
-    assert exit_s < 1.0
+    assert exit_s < 5.0, exit_s  # at once: not the 30 s grace, nor the hung fetch's 20 s
