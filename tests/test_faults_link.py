@@ -8,7 +8,7 @@ moment some conversions wait for a rate, so a fault catches replies in flight. E
 lets traffic flow for 10-40 ms, injects one fault, waits for the service to reconnect,
 and proves the new link serves (a probe request answered on it). After the cycles:
 
-* every cycle recovered, each within its bound (figures printed: ``pytest -s``);
+* every cycle recovered, each within its bound (figures printed: ``pytest -n 0 -s``);
 * live greenlets (counted in ``gc.get_objects()``) and open file descriptors are back to
   their baseline: nothing leaks per connection;
 * every request the service received was answered exactly once: replies written plus
