@@ -149,12 +149,14 @@ def _flags(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dispatch(args: dict[str, Any], settings: Settings) -> int:
+    if args["cache"] and args["warm"]:
+        from .warm import run_warm  # rates and cache together: above both
+        return run_warm(settings, args["START"], args["END"], as_json=args["--json"])
     if args["cache"]:
-        from .cache import run_cache_command
-        action = next(a for a in ("list", "show", "stats", "clear", "warm") if args[a])
+        from .cache.commands import run_cache_command
+        action = next(a for a in ("list", "show", "stats", "clear") if args[a])
         return run_cache_command(settings, action, day=args["DAY"], as_json=args["--json"],
-                                 tier=args["--tier"], yes=args["--yes"],
-                                 start=args["START"], end=args["END"])
+                                 tier=args["--tier"], yes=args["--yes"])
     if args["convert"]:
         return convert(settings, args["AMOUNT"], args["CURRENCY"], args["DATE"],
                        as_json=args["--json"])

@@ -159,11 +159,13 @@ class Chunk:
 
     def offset_after(self, count: int) -> int:
         """Stream offset just past the first ``count`` replies."""
+        if count == 0:
+            return self.first
         if count == len(self.replies):
             return self.start + len(self.data)
         if self._ends is None:
             self._ends = _frame_ends(self.first, self.replies)
-        return self._ends[count - 1] if count else self.first
+        return self._ends[count - 1]
 
 
 class Delivery:

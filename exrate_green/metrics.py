@@ -396,10 +396,9 @@ class TierStates:
         if now - self._probed_at < TIER_PROBE_EVERY_S:
             return
         self._probed_at = now
-        call, client = getattr(tier, "_call", None), getattr(tier, "_client", None)
-        if call is not None and client is not None:
-            # the tier's own bounded call: a failure rests the tier and warns (rate-limited)
-            call("ping", client.ping)
+        ping = getattr(tier, "ping", None)
+        if ping is not None:
+            ping()  # the tier's own bounded call: a failure rests it and warns (rate-limited)
 
 
 def _respond(start_response: StartResponse, status: str, body: bytes,

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from exrate_green.cache.commands import run_cache_command
-from exrate_green.cache.warm import run_warm
 from exrate_green.config import Settings
 from exrate_green.simulator import FakeRateApi
+from exrate_green.warm import run_warm
 
 from .redis_server import RedisServer
 from .support import BIN, ROOT, service_env

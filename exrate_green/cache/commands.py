@@ -1,9 +1,10 @@
-"""``exrate-service cache (list | show DAY | stats | clear | warm START END) [--json]``.
+"""``exrate-service cache (list | show DAY | stats | clear) [--json]``.
 
 Memory is per process and gone with it, so the tiers shown are disk and, when
 ``REDIS_URL`` is set, Redis. A tier that cannot be read is reported on stderr (exit 1);
 the others are still shown. ``clear`` takes ``--tier`` and asks before deleting Redis keys
-(the whole fleet's) unless ``--yes``; ``warm`` lives in ``warm.py``.
+(the whole fleet's) unless ``--yes``. ``cache warm`` is ``exrate_green.warm``: it needs
+the rate providers too, so it lives above both.
 """
 
 from __future__ import annotations
@@ -21,30 +22,25 @@ from .rows import BadRow
 if TYPE_CHECKING:
     from ..config import Settings
 
-ACTIONS = ("list", "show", "stats", "clear", "warm")
+ACTIONS = ("list", "show", "stats", "clear")
 TIERS = ("disk", "redis")
 
 
 def run_cache_command(settings: Settings, action: str,
                       day: str | datetime.date | None = None, as_json: bool = False,
                       out: TextIO | None = None, *, tier: str | None = None,
-                      yes: bool = False, start: str | None = None, end: str | None = None,
-                      answer: TextIO | None = None) -> int:
+                      yes: bool = False, answer: TextIO | None = None) -> int:
     """Run ``exrate-service cache ACTION``; returns the exit code.
 
     ``out`` defaults to ``sys.stdout`` (looked up at call time). 0 on success, 2 for a bad
-    action, DAY, tier or window, or a ``clear`` not confirmed (one line on stderr), 1 if a
-    tier cannot be read. ``tier`` limits ``clear`` to one tier; ``yes`` skips its question,
-    read from ``answer`` (default stdin, asked only on a terminal). ``start``/``end``:
-    ``warm``'s window.
+    action, DAY or tier, or a ``clear`` not confirmed (one line on stderr), 1 if a tier
+    cannot be read. ``tier`` limits ``clear`` to one tier; ``yes`` skips its question, read
+    from ``answer`` (default stdin, asked only on a terminal).
     """
     out = sys.stdout if out is None else out
     if action not in ACTIONS:
         return _usage_error(f"unknown cache action {action!r}: choose one of "
                             f"{', '.join(ACTIONS)}")
-    if action == "warm":
-        from .warm import run_warm
-        return run_warm(settings, start, end, as_json=as_json, out=out)
     if action == "show":
         try:
             day = _parse_day(day)

@@ -75,7 +75,8 @@ class Flights:
             return
         try:
             token = secrets.token_hex(16)
-            taken = self.redis.acquire(name, token, self.ttl_s) if self.redis else None
+            redis = self.redis
+            taken = redis.acquire(name, token, self.ttl_s) if redis else None
             if taken is False:
                 self.followed += 1
                 yield False
@@ -84,8 +85,8 @@ class Flights:
             try:
                 yield True
             finally:
-                if taken:  # only a Redis tier says True
-                    self.redis.release(name, token)  # type: ignore[union-attr]
+                if taken and redis:  # only a Redis tier says True
+                    redis.release(name, token)
         finally:
             if fd is not None:
                 os.close(fd)  # closing the descriptor drops the flock

@@ -299,6 +299,11 @@ class RedisTier:
             raise ValueError(f"holds the table of {table_key(table.provider, table.day)!r}")
         return table
 
+    def ping(self) -> bool:
+        """One bounded PING through the tier's own failure accounting (a failure rests the
+        tier and warns, rate-limited); True if Redis answered."""
+        return self._call("ping", self._client.ping) is not FAILED
+
     def _call(self, what, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` within ``deadline_s``; ``FAILED`` when Redis failed or
         is resting after a failure."""

@@ -19,10 +19,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..errors import RateError
+from .errors import RateError
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from .config import Settings
 
 #: the longest window one run takes (days): the whole ECB history is ~10,000
 MAX_WINDOW_DAYS = 40 * 366
@@ -34,7 +34,7 @@ def run_warm(settings: Settings, start: str | None, end: str | None, *,
              today: datetime.date | None = None) -> int:
     """Warm the cache for ``start``..``end`` (ISO days, both included); the exit code:
     0 done, 1 some unit failed (the others are kept), 2 a bad window (one line)."""
-    from ..runtime import Runtime
+    from .runtime import Runtime
 
     out = sys.stdout if out is None else out
     today = today or datetime.datetime.now(datetime.UTC).date()
