@@ -18,6 +18,15 @@ import gevent.events  # noqa: E402
 import pytest  # noqa: E402
 import zope.event  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist the worker waits for its next test on a threading.Event that
+    # execnet's own (native) thread sets. Patched, that Event is gevent's, and the wait
+    # runs the hub: with nothing else scheduled the hub would call it a wait forever
+    # (LoopExit) before the other thread's set() arrives. A timer that never fires keeps
+    # the loop alive; gevent's Event wakes across native threads.
+    _keep_loop_alive = gevent.get_hub().loop.timer(86400.0, 86400.0)
+    _keep_loop_alive.start(lambda: None)
+
 _blocked = []
 
 

@@ -324,7 +324,7 @@ def test_a_redis_that_never_answers_costs_a_miss_within_the_deadline(tmp_path, w
 
     beat = gevent.spawn(ticker)
     with silent_listener() as port, tiered(tmp_path / "c", f"redis://127.0.0.1:{port}/0",
-                                           deadline_s=0.3) as cache:
+                                           deadline_s=1.0) as cache:
         assert cache.disk.put(table())
 
         def timed(fn, *args):
@@ -338,15 +338,20 @@ def test_a_redis_that_never_answers_costs_a_miss_within_the_deadline(tmp_path, w
         gevent.joinall(lookups, timeout=10)
         results = [g.value for g in lookups]
         assert all(value is None for value, _ in results)
-        assert max(spent for _, spent in results) < 0.6, results
+        # one deadline (1 s), never two: a second caller queued behind the probe would wait
+        # for it and then pay its own
+        assert max(spent for _, spent in results) < 1.9, results
         assert timed(cache.get, "frankfurter", DAY)[0] is not None  # the disk answers
         put, put_s = timed(cache.put, table(day=DAY + datetime.timedelta(days=2)))
-        assert put is True and put_s < 0.6  # the disk kept it; Redis was resting
+        assert put is True and put_s < 0.5  # the disk kept it; Redis rested (no deadline)
         gevent.sleep(1.1)  # the rest is over: one probe pays the deadline again
         value, spent = timed(cache.get, "frankfurter", DAY + datetime.timedelta(days=3))
-        assert value is None and 0.25 < spent < 0.6, spent
+        assert value is None and 0.95 < spent < 1.9, spent
     beat.kill()
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert len(ticks) > 100 and max(gaps) < 0.1, max(gaps)
+    # The ticker (every 10 ms) kept turning: a call waiting on the hub would stop it for
+    # the whole 1 s deadline; half a second catches that and leaves a busy 2-core machine
+    # its scheduling delays (0.1 s with a 0.3 s deadline measured the machine).
+    assert len(ticks) > 100 and max(gaps) < 0.5, max(gaps)
     (warning,) = warnings_about_redis(warnings_log)
-    assert "no answer within 0.3 s" in warning.getMessage()
+    assert "no answer within 1 s" in warning.getMessage()

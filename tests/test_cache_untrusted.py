@@ -198,6 +198,13 @@ def good_table(day):
                      time.time())
 
 
+def replicate_without_delay(primary):
+    """The primary starts a replica's full sync at once, not after redis's default 5 s
+    wait for more replicas (repl-diskless-sync-delay): 5 s per test spent waiting."""
+    with redis.Redis.from_url(primary.url) as admin:
+        admin.config_set("repl-diskless-sync-delay", 0)
+
+
 def test_a_read_only_replica_serves_what_it_holds(tmp_path, warnings_log):
     (tmp_path / "primary").mkdir()
     (tmp_path / "replica").mkdir()
@@ -207,6 +214,7 @@ def test_a_read_only_replica_serves_what_it_holds(tmp_path, warnings_log):
         writer = RedisTier(primary.url, 3600)
         assert writer.put_many([good_table(day) for day in days]) == 5
         writer.close()
+        replicate_without_delay(primary)
         client = redis.Redis.from_url(replica.url)
         client.replicaof("127.0.0.1", primary.port)
         assert wait_until(lambda: client.dbsize() == 5, 10)
@@ -232,6 +240,7 @@ def test_a_book_over_a_read_only_replica_makes_no_call_for_days_it_holds(tmp_pat
         writer = RedisTier(primary.url, 3600)
         writer.put_many([good_table(day) for day in days])
         writer.close()
+        replicate_without_delay(primary)
         client = redis.Redis.from_url(replica.url)
         client.replicaof("127.0.0.1", primary.port)
         assert wait_until(lambda: client.dbsize() == 8, 10)

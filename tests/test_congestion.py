@@ -71,6 +71,21 @@ class Peer:
         self.close()
 
 
+def wait_for_back_pressure(peer, timeout_s):
+    """Wait until the peer's requests stop going out (its sends block: the service no
+    longer reads, its buffers and outbox are full); True if they did within timeout_s.
+    Stopped means no request sent for 0.5 s while the peer's rate asks for one every 10 ms."""
+    deadline = time.monotonic() + timeout_s
+    sent = peer.report()["sent"]
+    while time.monotonic() < deadline:
+        gevent.sleep(0.5)
+        now = peer.report()["sent"]
+        if now == sent:
+            return True
+        sent = now
+    return False
+
+
 def all_answered(report):
     return report["unanswered"] == 0 and report["answered"] > 0
 
@@ -187,7 +202,9 @@ def test_back_pressure_on_a_slow_rate_api_never_trips_the_stall_watchdog(tmp_pat
                           EXRATE_HEARTBEAT_INTERVAL=0.2, EXRATE_HEARTBEAT_TIMEOUT=0.6)
         try:
             assert up.wait_for_connections(1, 15), service.output
-            gevent.sleep(9.0)  # nine stall periods, each fetch 3 s away
+            # six stall periods, each fetch 3 s away: two whole rounds of back-pressure,
+            # each three times the stall bound (nine periods proved no more)
+            gevent.sleep(6.0)
             alive = service.proc.poll() is None
             report = up.report()
         finally:
@@ -196,7 +213,7 @@ def test_back_pressure_on_a_slow_rate_api_never_trips_the_stall_watchdog(tmp_pat
     assert alive, out[-3000:]
     assert "made no progress" not in out, out[-3000:]
     assert report["replies"] > 50 and report["connections"] == 1, report
-    print(f"\nFIGURES back-pressure 9 s, rate API 3 s away, stall_exit_s {stall_s}: alive, "
+    print(f"\nFIGURES back-pressure 6 s, rate API 3 s away, stall_exit_s {stall_s}: alive, "
           f"{report['replies']} replies, {report['connections']} connection")
 
 
@@ -211,7 +228,10 @@ def test_sigterm_against_a_peer_that_stopped_reading_exits_within_the_grace(tmp_
             peer.ask("rate 600")
             gevent.sleep(1.0)
             peer.ask("stop_reading")
-            gevent.sleep(2.0)  # our socket buffers and outbox fill
+            # Our socket buffers and outbox fill until the service stops reading: then the
+            # peer's own sends block and its count of requests sent stands still. Waited
+            # for (up to 20 s), not assumed after a fixed 2 s a busy machine may not keep.
+            assert wait_for_back_pressure(peer, 20), peer.report()
             service.proc.send_signal(signal.SIGTERM)
             code, exit_s = service.wait(grace_s + 10)
             report = peer.report()

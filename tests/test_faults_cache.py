@@ -87,9 +87,16 @@ def serves(up, days, bound_s):
     assert {kind for _, kind in waits} == {"message"}, waits
     assert max(dt for dt, _ in waits) < bound_s, sorted(waits)[-3:]
     assert hot and {kind for _, kind in hot} == {"message"}
-    assert max(dt for dt, _ in hot) < 0.2, sorted(hot)[-3:]
+    # Hot requests are answered from memory, not queued behind a cold day's locked read
+    # (which would make them wait the 1 s lock timeout): well under half of that.
+    assert max(dt for dt, _ in hot) < 0.5, sorted(hot)[-3:]
     gap = up.report()["client_heartbeat_max_gap_s"]
-    assert gap < BEAT_S + 0.1, gap
+    # A fault that blocked the hub would cost a whole wait (the cache's 1 s lock timeout,
+    # the rate API's 1-2 s budget, Redis's 1 s deadline): a gap of a second or more. Five
+    # intervals leave room for a busy 2-core machine's scheduling (a beat ~100 ms late is
+    # steal, not blocking; the bound of interval + 100 ms failed on it) and still fail on
+    # any such block.
+    assert gap < 5 * BEAT_S, gap
     return max(dt for dt, _ in waits), gap
 
 

@@ -94,10 +94,16 @@ def test_rate_api_fault(tmp_path, fault):
 
         hot_waits = [dt for dt, _ in hot]
         assert hot and None not in hot_waits
-        assert max(hot_waits) < 0.2, sorted(hot_waits)[-3:]  # typically 2-5 ms
+        # typically 2-5 ms; one queued behind a failing fetch would wait the 1 s budget
+        assert max(hot_waits) < BUDGET_S / 2, sorted(hot_waits)[-3:]
         assert all(r["type"] == "message" for _, r in hot)
         gap = up.report()["client_heartbeat_max_gap_s"]
-        assert gap < BEAT_S + 0.1, gap  # typically within 2 ms of the 100 ms
+        # A fault that blocked the hub would cost a whole wait (the cache's 1 s lock timeout,
+        # the rate API's 1-2 s budget, Redis's 1 s deadline): a gap of a second or more. Five
+        # intervals leave room for a busy 2-core machine's scheduling (a beat ~100 ms late is
+        # steal, not blocking; the bound of interval + 100 ms failed on it) and still fail on
+        # any such block.
+        assert gap < 5 * BEAT_S, gap  # typically within 2 ms of the 100 ms
 
         calls = api.calls
         # The API recovers: the failures were not cached, the same days now convert.

@@ -60,7 +60,12 @@ def serves(up, wanted, bound_s):
     worst = max(dt for dt, _ in waits)
     assert worst < bound_s, sorted(waits)[-3:]
     gap = up.report()["client_heartbeat_max_gap_s"]
-    assert gap < BEAT_S + 0.1, gap
+    # A fault that blocked the hub would cost a whole wait (the cache's 1 s lock timeout,
+    # the rate API's 1-2 s budget, Redis's 1 s deadline): a gap of a second or more. Five
+    # intervals leave room for a busy 2-core machine's scheduling (a beat ~100 ms late is
+    # steal, not blocking; the bound of interval + 100 ms failed on it) and still fail on
+    # any such block.
+    assert gap < 5 * BEAT_S, gap
     return worst, gap
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from exrate_green.simulator import FakeRateApi, Upstream
 
-from .support import ServiceProcess, summary_totals
+from .support import ServiceProcess, summary_totals, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
@@ -42,9 +42,10 @@ def test_sigterm_under_load_answers_everything_read_and_closes_with_1000(tmp_pat
         service = running(tmp_path, up, api)
         try:
             assert up.wait_for_connections(1, 15), service.output
-            gevent.sleep(2.0)  # load: cold days wait 300 ms for their table
-            before = up.report()
-            assert before["replies"] > 100, before
+            # load: cold days wait 300 ms for their table; a hundred replies written
+            # (counted, however long a busy machine takes to get there)
+            assert wait_until(lambda: up.report()["replies"] > 100, 20, interval_s=0.05), \
+                up.report()
             service.proc.send_signal(signal.SIGTERM)
             code, exit_s = service.wait(15)
             gevent.sleep(0.1)
@@ -114,4 +115,4 @@ def test_a_second_signal_exits_at_once(tmp_path):
         finally:
             service.kill()
     assert code == 128 + signal.SIGINT, service.output[-3000:]
-    assert exit_s < 1.0
+    assert exit_s < 5.0, exit_s  # at once: not the 30 s grace, nor the hung fetch's 20 s

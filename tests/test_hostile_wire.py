@@ -180,8 +180,11 @@ def test_replaying_the_corpus_answers_each_id_once_and_keeps_the_connection(tmp_
         assert up.connections == 1 and up.connected() == 1
         assert service.stats.reconnects == 0
         # In-process the simulator and the test share the hub with the service (the hub
-        # monitor holds it to 0.2 s); the subprocess test below measures the service alone.
-        assert report["client_heartbeat_max_gap_s"] < BEAT_S + 0.3, report
+        # monitor holds any one turn to 1 s); the subprocess test below measures the
+        # service alone. Five intervals: no beat skipped for a hostile frame's sake beyond
+        # what a busy 2-core machine's scheduling costs (a frame handled in one long turn
+        # would cost the gap its whole time).
+        assert report["client_heartbeat_max_gap_s"] < 5 * BEAT_S, report
         print(f"\ncorpus: {len(corpus)} frames ({len(expected)} with an id) replayed in "
               f"{replay_s:.2f} s; skipped={service.stats.skipped} errors={service.stats.errors} "
               f"replies={service.stats.replies}; heartbeat max gap "
@@ -359,7 +362,11 @@ def test_big_frames_and_deep_nesting_keep_memory_flat_and_heartbeats_on_time(tmp
     assert all(up.wait_for_reply(rid, 0)["type"] == "message" for rid in sent)
     growth_mib = (rss_after - rss_warm) / mib
     assert growth_mib < 16, (rss_warm, rss_after)
-    assert report["client_heartbeat_max_gap_s"] < BEAT_S + 0.25, report
+    # Five intervals (0.5 s): 2 MiB frames are read and skipped in bounded slices; one
+    # handled in a single turn holds the hub for its whole size and shows here (the
+    # service's own monitor, next, reports only turns past 1 s). Tighter bounds (+250 ms)
+    # measured a machine whose two cores also run the simulator and the test.
+    assert report["client_heartbeat_max_gap_s"] < 5 * BEAT_S, report
     assert "appears to be blocked" not in output, output[-3000:]  # the service's own monitor
     print(f"\nbig frames: {mib_sent:.0f} MiB in {rounds_s:.1f} s; service RSS "
           f"{rss_warm / mib:.1f} -> {rss_after / mib:.1f} MiB; heartbeat max gap "

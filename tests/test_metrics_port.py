@@ -159,17 +159,20 @@ def test_a_flood_of_scrapes_computes_the_exposition_about_once_a_second(served):
     before, started = app.expositions, time.monotonic()
     answered = []
 
+    # 120 scrapes (20 each from 6 clients; 240 before proved the same in twice the time):
+    # at the budget's 20/s they take ~6 s, so about 6-8 expositions, where computing one
+    # per scrape would make 120.
     def scraper():
         with requests.Session() as session:
-            for _ in range(40):
+            for _ in range(20):
                 answered.append(session.get(f"http://127.0.0.1:{served.port}/metrics",
                                             timeout=20).status_code)
 
     gevent.joinall([gevent.spawn(scraper) for _ in range(6)], timeout=60)
     elapsed_s = time.monotonic() - started
-    assert answered.count(200) == 240
+    assert answered.count(200) == 120
     assert app.expositions - before <= elapsed_s / EXPOSITION_TTL_S + 2
-    assert served.server.budget.waits > 0  # 240 requests at 20/s: most waited their turn
+    assert served.server.budget.waits > 0  # 120 requests at 20/s: most waited their turn
 
 
 def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():

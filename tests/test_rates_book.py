@@ -115,11 +115,13 @@ def open_book(bundle, clock):
 
 
 def timed(fn, *args):
+    """(seconds ``fn(*args)`` took, its value or the RateUnavailable it raised)."""
     t0 = time.monotonic()
     try:
-        return time.monotonic() - t0, fn(*args)
+        value = fn(*args)   # called first: a tuple reads time.monotonic() before the call
     except RateUnavailable as e:
-        return time.monotonic() - t0, e
+        value = e
+    return time.monotonic() - t0, value
 
 
 # --- stale if error ----------------------------------------------------------------------
@@ -162,8 +164,11 @@ def test_while_the_breaker_is_open_a_stale_table_answers_without_a_call_or_a_dis
     assert book.peek(MAY_18).fetched_at < clock.now - TTL_S   # the reader answers stale too
     answers = [timed(book.get, MAY_18) for _ in range(99)]
     assert all(table.day == MAY_18 for _, table in answers)
-    assert max(dt for dt, _ in answers) < 0.05
+    # From memory: no API call, no disk read (the counts prove it; a time bound measured
+    # the machine), and no wait either: a breaker that held the reader for its probe
+    # would make the answers wait seconds, not stay far below one.
     assert (api.calls, cache.hits + cache.misses) == (calls, reads)
+    assert max(dt for dt, _ in answers) < 1.0
     assert lane.stale_served == 100
 
 
@@ -194,7 +199,10 @@ def test_five_failed_fetches_open_the_breaker_a_failed_probe_doubles_a_good_one_
     assert lane.attempts == calls and calls <= 4 + 4, calls
 
     elapsed, error = timed(book.get, datetime.date(2020, 7, 1))
-    assert elapsed < 0.05 and api.calls == calls         # no call, an answer at once
+    # no call (the count), and an answer without waiting out the 30 s cool-down or an
+    # HTTP budget (a bound a loaded machine keeps: the answer takes milliseconds)
+    assert api.calls == calls and lane.attempts == calls, (api.calls, calls)
+    assert elapsed < 1.0, elapsed
     assert error.reason == ("exchange rate service unavailable: frankfurter is down, "
                             "retrying in 30 s")
 
@@ -357,7 +365,10 @@ def test_waiters_are_released_before_a_slow_cache_write(api, cache, clock, open_
     slow = SlowCache(cache, write_s=3.0)
     book = open_book(slow, frankfurter=api)
     elapsed, table = timed(book.get, MAY_18)
-    assert elapsed < 0.5 and table.day == MAY_18 and slow.written == []
+    # answered before the 3 s write finished (nothing written yet: an order, not a time),
+    # and without waiting for most of it either
+    assert table.day == MAY_18 and slow.written == []
+    assert elapsed < 2.0, elapsed
     assert book.peek(datetime.date(2021, 5, 20)) is not None   # the whole month, in memory
     assert wait_for(lambda: cache.get("frankfurter", MAY_18) is not None, 10)
 

@@ -67,11 +67,19 @@ def test_heartbeats_every_second_from_the_open(tmp_path):
     with Upstream() as up, running_service(up.url, tmp_path):
         up.wait_for_connections(1, 5)
         opened = time.monotonic()
-        assert wait_until(lambda: len(up.client_heartbeats()) >= 4, 5)
-        beats = up.client_heartbeats()
-        assert beats[0] - opened < 0.2
+        assert wait_until(lambda: len(up.client_heartbeats()) >= 5, 10)
+        beats = up.client_heartbeats()[:5]
+        # The first beat comes with the open, not an interval later (typically ~5 ms; the
+        # bound is what a loaded machine keeps and still below the 1 s a late start costs).
+        assert beats[0] - opened < 0.9, beats[0] - opened
+        # None doubled (a second beat in the same tick: a gap near 0) and none missing (a
+        # skipped tick: a gap of 2 s or more); scheduling on a busy machine moves a beat
+        # by tens of ms, not by half an interval.
         gaps = [b - a for a, b in zip(beats, beats[1:])]
-        assert all(0.9 < gap < 1.1 for gap in gaps), gaps
+        assert all(0.5 < gap < 1.9 for gap in gaps), gaps
+        # The cadence is one second: over four gaps a beat's lateness is shared out, so
+        # a 0.8 s or 1.25 s interval fails while a late last beat does not.
+        assert 0.9 < (beats[-1] - beats[0]) / len(gaps) < 1.2, gaps
 
 
 def test_watchdog_abandons_a_silent_connection_and_reconnects(tmp_path):
@@ -82,7 +90,9 @@ def test_watchdog_abandons_a_silent_connection_and_reconnects(tmp_path):
         up.pause_heartbeats()  # the socket stays open: only the heartbeats stop
         assert wait_until(lambda: service.session is not silent, 5, interval_s=0.005)
         abandoned_after = time.monotonic() - silent.last_heartbeat_at
-        assert 2.0 <= abandoned_after <= 2.6
+        # Not before the 2 s timeout; and within one heartbeat interval after it (a
+        # watchdog that waited for a second timeout would take 4 s).
+        assert 2.0 <= abandoned_after <= 3.0, abandoned_after
         up.resume_heartbeats()
         assert up.wait_for_connections(2, 3)
         assert wait_until(lambda: service.session and service.session.heartbeats_received, 3)
@@ -116,9 +126,13 @@ def test_keeps_retrying_while_the_upstream_refuses_then_resets_backoff(tmp_path)
     with Upstream(heartbeat_interval_s=0.2) as up, \
             running_service(up.url, tmp_path, **FAST_BEATS) as service:
         up.wait_for_connections(1, 5)
+        failures = service.stats.connect_failures
         up.refuse_connections()
         up.drop()
-        gevent.sleep(2.0)
+        # It keeps retrying while refused: three failed attempts (backoff steps 0,
+        # 0.125-0.25, 0.25-0.5 s), counted, instead of a 2 s sleep and hoping.
+        assert wait_until(lambda: service.stats.connect_failures >= failures + 3, 5), \
+            service.stats.connect_failures
         up.accept_connections()
         assert up.wait_for_connections(2, 4)  # the backoff is capped and jittered
         assert wait_until(lambda: service.session and service.session.heartbeats_received, 2)
@@ -268,9 +282,10 @@ def test_under_back_pressure_a_hot_reply_is_not_held_behind_a_cold_request(tmp_p
         hot = {"type": "message", "id": 9202, "payload": payload()}
         # One read: cold (fills the pool), hot, cold (the reader blocks on the full pool).
         up.send_wire(_server_frame(cold[0]) + _server_frame(hot) + _server_frame(cold[1]))
-        sent = time.monotonic()
-        assert up.wait_for_reply(9202, 1.0)["payload"]["stake"] == 207.55196
-        assert time.monotonic() - sent < 0.5  # not after the 1.5 s fetch
+        assert up.wait_for_reply(9202, 5)["payload"]["stake"] == 207.55196
+        # It overtook the cold request read before it: that one is still waiting for its
+        # 1.5 s fetch (an order, not a time: a reply held behind it would come after it).
+        assert up.wait_for_reply(9201, 0) is None
         assert service.dispatch.waiting.full()
         assert up.wait_for_reply(9201, 6) and up.wait_for_reply(9203, 6)
         # The reader sat 1.5 s on a full pool while heartbeats queued unread: that is not

@@ -62,19 +62,36 @@ def good_reply_text(rid, request_payload, stake_text="207.52054", date=None):
 
 # ---------------------------------------------------------------- heartbeats
 
-def test_heartbeats_arrive_at_once_then_on_cadence(upstream):
-    t0 = time.monotonic()
+def test_the_first_heartbeat_is_sent_on_connect():
+    # An interval far longer than the wait: a heartbeat arriving at all was sent on
+    # connect, not one interval later (no time bound on a busy machine needed).
+    with Upstream(heartbeat_interval_s=60.0) as up:
+        ws = websocket.create_connection(up.url, timeout=10)
+        try:
+            assert orjson.loads(ws.recv()) == {"type": "heartbeat"}
+        finally:
+            ws.close()
+        assert up.report()["server_heartbeats"] == 1
+
+
+def test_heartbeats_arrive_on_cadence(upstream):
     ws = websocket.create_connection(upstream.url, timeout=2)
     stamps = []
-    for _ in range(6):
+    for _ in range(11):
         assert orjson.loads(ws.recv()) == {"type": "heartbeat"}
         stamps.append(time.monotonic())
     ws.close()
-    assert stamps[0] - t0 < 0.15, "first heartbeat is sent on connect"
+    assert upstream.report()["server_heartbeats"] >= 11
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    assert all(0.12 < g < 0.3 for g in gaps), gaps
-    assert 0.18 < sum(gaps) / len(gaps) < 0.22, gaps   # monotonic schedule, no drift
-    assert upstream.report()["server_heartbeats"] >= 6
+    # None skipped (a gap of two intervals, 0.4 s) and none doubled (two frames in one
+    # tick, a burst of catch-up beats: gaps of a millisecond). A beat a busy machine made
+    # late shortens the next gap by as much (the schedule is absolute), so individual gaps
+    # get only these bounds; the cadence is the mean's.
+    assert all(0.01 < g < 0.4 for g in gaps), gaps
+    # The schedule is drift-free: over ten gaps a late beat is shared out, so the mean
+    # stays at the interval; a schedule that slept 0.2 s after each send plus work, or ran
+    # at another interval, moves it out of this band.
+    assert 0.18 < (stamps[-1] - stamps[0]) / len(gaps) < 0.23, gaps
 
 
 def test_pause_heartbeats_stops_them_and_resume_restarts(upstream, client):
