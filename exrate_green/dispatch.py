@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Callable
 
 from . import protocol, serving
@@ -54,6 +55,9 @@ class Dispatch:
         self.show_messages = show_messages
         self.waiting = Waiters(book, self._answer_waiting, max_requests=max_in_flight,
                                max_lookups=MAX_LOOKUPS_IN_FLIGHT)
+        self._stamp_ms = -1  # the millisecond of the cached day and reply timestamp
+        self._day = datetime.date.min
+        self._stamp = ""
 
     def __len__(self) -> int:
         """Requests waiting for a rate table."""
@@ -62,12 +66,11 @@ class Dispatch:
     def take(self, events: list[Event]) -> serving.Step:
         """Serve what a batch can have now: its replies go to delivery. Returns the step:
         its ``heartbeats`` (for the session) and ``waiting`` requests (for ``hold``)."""
-        now = datetime.datetime.now(_UTC)
+        today, stamp = self._now()
         started = self.clock()
         if self.show_messages:
             self._show_received(events)
-        result = serving.step(events, today=now.date(), stamp=protocol.timestamp(now),
-                              peek=self.book.peek)
+        result = serving.step(events, today=today, stamp=stamp, peek=self.book.peek)
         self.stats.requests += result.requests
         if result.errors or result.skipped or result.failures:
             self._count_problems(result)
@@ -76,6 +79,16 @@ class Dispatch:
             self.stats.record(self.clock() - started, len(result.replies))
         result.started = started
         return result
+
+    def _now(self) -> tuple[datetime.date, str]:
+        """(the UTC day, the reply timestamp) now, formatted once per millisecond: under
+        load many batches share one (the stamp has millisecond resolution anyway)."""
+        ms = int(time.time() * 1000)
+        if ms != self._stamp_ms:
+            moment = datetime.datetime.fromtimestamp(ms / 1000, _UTC)
+            self._stamp_ms, self._day, self._stamp = ms, moment.date(), \
+                protocol.timestamp(moment)
+        return self._day, self._stamp
 
     def hold(self, requests: list[Request], received_at: float) -> None:
         """Hold each request until its day's table comes; while there is no room, the
@@ -113,7 +126,7 @@ class Dispatch:
                         outcome: RateTable | RateError) -> None:
         """The replies to requests that waited for a day's table (``outcome``: the table
         or the ``RateError``); never yields."""
-        stamp = protocol.timestamp(datetime.datetime.now(_UTC))
+        _, stamp = self._now()
         replies: list[bytes] = []
         errors: list[str] = []
         for request, _ in held:
