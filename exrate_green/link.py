@@ -43,6 +43,13 @@ SETTLE_MAX_S = 0.5
 #: ... and how long the queue must stand still before we stop waiting (delayed ACKs)
 SETTLE_QUIET_S = 0.06
 _TCP_CLOSE = 7  # tcpi_state of a reset or fully closed connection
+#: dense traffic (see ``MeteredSocket.recv``): above this many bytes a second coming in
+#: (~5,000 requests/s of ~200 bytes), an empty socket is read again after a pause
+DENSE_BYTES_PER_S = 1_000_000
+#: the pause, seconds (the hub's timers have about a millisecond's resolution)
+COALESCE_PAUSE_S = 0.0005
+#: how often the incoming byte rate is judged, seconds
+RATE_WINDOW_S = 0.1
 
 
 def _ioctl_int(fd: int, request: int) -> int:
@@ -60,6 +67,10 @@ class MeteredSocket:
         #: called when the reader is about to wait for bytes (its turn is over: the
         #: writer writes what the turn made, in one write)
         self.before_park = before_park
+        # the incoming byte rate, judged per RATE_WINDOW_S (see recv)
+        self._window_start = clock()
+        self._window_bytes = 0
+        self._dense = False
         self.close_after_acks = close_after_acks
         # the plain socket under gevent's (non-blocking), for writes that must not wait;
         # None under TLS, whose records cannot be written half-way from here
@@ -85,18 +96,41 @@ class MeteredSocket:
     # -- reading: parked time ---------------------------------------------------------
 
     def recv(self, size: int) -> bytes:
-        """Bytes waiting, else wait for some. The wait is parked time (see the module)."""
+        """Bytes waiting, else wait for some. The wait is parked time (see the module).
+
+        Dense traffic is read in fewer, larger batches. While the upstream sends more than
+        ``DENSE_BYTES_PER_S`` (about 5,000 requests a second), an empty socket is read
+        again after one short pause (``COALESCE_PAUSE_S``; the turn's replies are written
+        first) instead of being waited on: every read costs a batch's fixed work, and at
+        10,000 requests a second this reads ~10 at a time instead of ~1.8, for about a
+        millisecond more latency. Sparser traffic is read the moment it comes."""
         raw = self._raw
         if raw is not None:
             try:
-                return raw.recv(size)  # bytes waiting: no bookkeeping, no switch
+                return self._counted(raw.recv(size))  # bytes waiting: no switch
             except (BlockingIOError, InterruptedError):
                 pass
         if self.before_park is not None:
             self.before_park()
         if raw is None:  # TLS: gevent's own read (it knows the TLS buffer)
             return self._parked(self._sock.recv, (size,))
-        return self._parked(self._wait_and_recv, (raw, size))
+        if self._dense:
+            self._parked(gevent.sleep, (COALESCE_PAUSE_S,))
+            try:
+                return self._counted(raw.recv(size))
+            except (BlockingIOError, InterruptedError):
+                pass
+        return self._counted(self._parked(self._wait_and_recv, (raw, size)))
+
+    def _counted(self, data: bytes) -> bytes:
+        """Count ``data`` towards the incoming byte rate, judged per ``RATE_WINDOW_S``."""
+        self._window_bytes += len(data)
+        now = self.clock()
+        if now - self._window_start >= RATE_WINDOW_S:
+            rate = self._window_bytes / (now - self._window_start)
+            self._dense = rate > DENSE_BYTES_PER_S
+            self._window_start, self._window_bytes = now, 0
+        return data
 
     def _wait_and_recv(self, raw, size):
         sock: Any = self._sock  # gevent's socket: its wait is not in the stdlib's stubs
