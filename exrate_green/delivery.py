@@ -144,11 +144,6 @@ class Chunk:
         self.done = 0
         self._ends: list[int] | None = None
 
-    @property
-    def end(self) -> int:
-        """Stream offset just past the chunk."""
-        return self.start + len(self.data)
-
     def written_by(self, upto: int) -> int:
         """How many of the replies are wholly written once the stream reaches ``upto``."""
         if upto >= self.start + len(self.data):
